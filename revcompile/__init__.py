@@ -1,0 +1,16 @@
+"""revcompile: make an unmodified MoE LLM reversible with a torch.fx pass, so training stores no activations.
+
+Example:
+    >>> import revcompile
+    >>> revcompile.make_reversible(model)          # in place
+    >>> model(ids, labels=ids).loss.backward()     # backward rebuilds each layer's input from its output
+"""
+
+from .api import analyze, converted_layers, disable_inversion, make_reversible, undo
+from .coupling import Scheme, Step
+from .errors import RevcompileError
+from .plan import Plan
+from .schemes import SCHEMES, get_scheme
+
+__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "Plan", "Scheme", "Step",
+           "SCHEMES", "get_scheme", "RevcompileError"]

@@ -1,0 +1,123 @@
+"""Find the layer stacks of a model by running it once on a tiny input and watching its ModuleLists.
+
+A stack is an `nn.ModuleList` whose children are called once each, in order, each on the hidden state the previous
+one returned: Hugging Face's `for decoder_layer in self.layers`, or a plain `for block in self.blocks`. Names do
+not matter. The recorded calls (arguments, keyword arguments, outputs) tell the tracer each layer's call signature
+and give the analysis passes real values to classify branches with.
+
+Example:
+    >>> stacks = find_stacks(model, default_example(model))
+    >>> stacks[0].name, len(stacks[0].layers)
+    ('model.layers', 2)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RevcompileError
+
+PROBE_TOKENS = 8
+
+
+@dataclass
+class LayerCall:
+    """One recorded call of a layer."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+@dataclass
+class Stack:
+    """A ModuleList run as a chain of layers, with the recorded call of each layer."""
+
+    name: str
+    layers: nn.ModuleList
+    calls: list[LayerCall]
+
+
+def default_example(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments for a probe run: `input_ids` of PROBE_TOKENS random tokens for the model's embedding.
+
+    Raises RevcompileError when the model has no token embedding to size them by.
+    """
+    embedding = None
+    if hasattr(model, "get_input_embeddings"):
+        embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is None:
+        raise RevcompileError(f"{type(model).__name__} has no token embedding to build a probe input from; pass "
+                              "example_inputs=dict(...) with keyword arguments for one forward call")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, embedding.num_embeddings, (1, PROBE_TOKENS), generator=generator)
+    example: dict[str, Any] = {"input_ids": ids.to(embedding.weight.device)}
+    if hasattr(model, "config"):
+        example["use_cache"] = False
+    return example
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _first_tensor(value: Any) -> Any:
+    if isinstance(value, (tuple, list)) and value:
+        return value[0]
+    return value
+
+
+def find_stacks(model: nn.Module, example: dict[str, Any]) -> list[Stack]:
+    """Run `model(**example)` once (eval mode, no grad) and return the layer stacks it used, outermost first."""
+    calls: dict[nn.Module, list[LayerCall]] = {}
+    handles = []
+
+    def record_input(module, args, kwargs):
+        calls.setdefault(module, []).append(LayerCall(args, kwargs, None))
+
+    def record_output(module, args, kwargs, output):
+        calls[module][-1].output = output
+
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    for _, modules in lists:
+        for child in modules:
+            handles.append(child.register_forward_pre_hook(record_input, with_kwargs=True))
+            handles.append(child.register_forward_hook(record_output, with_kwargs=True))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(**example)
+    except Exception as err:
+        raise RevcompileError(f"the probe run model(**{sorted(example)}) failed ({type(err).__name__}: {err}); pass "
+                              "example_inputs=dict(...) that the model accepts") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    stacks = []
+    for name, modules in lists:
+        layer_calls = [calls.get(child, []) for child in modules]
+        if not all(len(c) == 1 for c in layer_calls):
+            continue
+        record = [c[0] for c in layer_calls]
+        hidden_in = [r.args[0] if r.args else None for r in record]
+        if not all(isinstance(h, torch.Tensor) and h.is_floating_point() for h in hidden_in):
+            continue
+        chained = all(_first_tensor(record[i].output) is hidden_in[i + 1] for i in range(len(record) - 1))
+        shaped = all(getattr(_first_tensor(r.output), "shape", None) == h.shape for r, h in zip(record, hidden_in))
+        if chained and shaped:
+            stacks.append(Stack(name, modules, record))
+    return stacks

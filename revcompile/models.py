@@ -1,0 +1,85 @@
+"""Tiny models for tests, benchmarks, the demo and the CLI: random weights, no downloads.
+
+Example:
+    >>> from revcompile.models import tiny_model
+    >>> model = tiny_model("mixtral", num_hidden_layers=4)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+# Per-family overrides that make a config tiny (a few layers, width 64) while keeping its structure:
+# DeepSeek-V3 keeps dense first layers, GLM-4-MoE and Qwen2-MoE keep shared experts, GPT-OSS keeps its
+# sliding/full layer pattern.
+_TINY: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        num_key_value_heads=4, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, head_dim=8),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                     n_group=1, topk_group=1, head_dim=16),
+    "llama": dict(head_dim=16),
+}
+TINY_FAMILIES: tuple[str, ...] = tuple(_TINY)
+
+
+def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
+    """A small config of `model_type` (a transformers model_type such as "mixtral"), no download.
+
+    Unknown families still work when transformers knows them: only the common size fields are shrunk.
+    """
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                attn_implementation="eager", experts_implementation="eager")
+    base.update(_TINY.get(model_type, {}))
+    base.update(overrides)
+    attn, experts = base.pop("attn_implementation"), base.pop("experts_implementation")
+    config = AutoConfig.for_model(model_type, **base)
+    config._attn_implementation = attn
+    config._experts_implementation = experts  # eager runs in every dtype; grouped_mm has no float64 kernel
+    return config
+
+
+def load_model(spec: str, **overrides) -> torch.nn.Module:
+    """A causal LM from a model_type (tiny config, random weights) or from a local directory with config.json.
+
+    Raises ValueError with what to do when `spec` is neither.
+    """
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "config.json")):
+            raise ValueError(f"{spec!r} is a directory without a config.json; pass a model directory or a model_type")
+        has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
+        if has_weights:
+            return AutoModelForCausalLM.from_pretrained(spec, **overrides)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec, **overrides))
+    try:
+        config = tiny_config(spec, **overrides)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"unknown model {spec!r}: not a local directory and not a transformers model_type "
+                         f"(try one of {', '.join(TINY_FAMILIES)})") from err
+    return tiny_model_from_config(config)
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """A randomly initialised causal LM of a tiny `model_type` config, seeded, in `dtype`."""
+    torch.manual_seed(seed)
+    return tiny_model_from_config(tiny_config(model_type, **overrides)).to(dtype)
+
+
+def tiny_model_from_config(config: PretrainedConfig) -> torch.nn.Module:
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ValueError(f"model_type {config.model_type!r} has no causal-LM class in transformers") from err

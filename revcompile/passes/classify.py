@@ -1,0 +1,49 @@
+"""Analysis pass: call each residual branch attention, dense FFN or MoE by what it does on real values.
+
+- attention: it mixes tokens. Perturbing the first position of its input changes its output at later positions.
+- MoE:       it routes. A top-k selection runs inside it (a router feeding expert weights).
+- FFN:       neither.
+Class names are never read, so a plain PyTorch model with its own names is classified the same way.
+
+Example:
+    >>> classify_branches(layer, trace, chain, branches, call)
+    ['attention', 'moe']
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..capture.probe import LayerCall
+from ..capture.tracer import LayerTrace, bind_call, unwrapped_forward
+from ..runtime.replay import run_recorded
+from .residuals import Residual
+
+ATTENTION, FFN, MOE = "attention", "ffn", "moe"
+
+
+def _branch_kind(branch: fx.GraphModule, x: torch.Tensor, context: list) -> str:
+    out, replay = run_recorded(branch, (x, *context), rng=False)
+    if x.dim() >= 2 and x.shape[-2] > 1:
+        perturbed = x.clone()
+        perturbed[..., 0, :] += 1.0 + perturbed[..., 0, :].abs()
+        out_perturbed = branch(perturbed, *context)
+        # NOTE: a tolerance, not equality: expert kernels may sum a token's outputs in another order when the
+        # perturbed token changes which tokens an expert sees; token mixing moves the output far more.
+        later, later_perturbed = out[..., 1:, :], out_perturbed[..., 1:, :]
+        if (later - later_perturbed).norm() > 1e-3 * later.norm():
+            return ATTENTION
+    return MOE if replay.routing else FFN
+
+
+def classify_branches(layer: nn.Module, trace: LayerTrace, chain: list[Residual],
+                      branches: list[fx.GraphModule], call: LayerCall) -> list[str]:
+    """The kind of each branch in `chain`, from the layer's recorded call (probe values, eval mode, no grad)."""
+    _, hidden, context = bind_call(unwrapped_forward(layer), layer, call.args, call.kwargs)
+    interpreter = fx.Interpreter(fx.GraphModule(layer, trace.graph), garbage_collect_values=False)
+    with torch.no_grad():
+        interpreter.run(hidden, *context.values())
+        values = {node.name: value for node, value in interpreter.env.items()}
+        context_values = list(context.values())
+        return [_branch_kind(branch, values[r.stream.name], context_values) for r, branch in zip(chain, branches)]

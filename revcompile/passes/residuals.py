@@ -1,0 +1,115 @@
+"""Analysis pass: find a layer's residual branches.
+
+A residual branch is `add(r, B(r))` (or `r + c * B(r)`, Granite's residual_multiplier) where `r` dominates B's
+subgraph: every path from the layer's hidden-state input to B's output runs through `r`. Dominators come from
+networkx over the part of the fx graph that depends on the hidden state; context inputs (masks, rotary
+embeddings) may feed a branch freely. A pre-norm layer is a chain: hidden -> r1 + B1 -> r2 + B2 -> output.
+
+Anything else raises NotReversible with the reason (post-norm, parallel residual, extra outputs).
+
+Example:
+    >>> chain = find_residual_chain(trace.graph, trace.hidden_name)
+    >>> [r.branch.name for r in chain]
+    ['getitem', 'mlp']
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx
+
+from ..errors import RevcompileError
+
+
+class NotReversible(RevcompileError):
+    """A layer whose structure no coupling can invert; the message is the reason shown in the plan."""
+
+
+@dataclass
+class Residual:
+    """`add = stream + branch`, where `branch` may be `c * B(stream)` (then `scale` is c)."""
+
+    add: fx.Node
+    stream: fx.Node
+    branch: fx.Node
+    scale: float | None
+
+
+_ADDS = {operator.add, torch.add, "add"}
+_MULS = {operator.mul, torch.mul, "mul"}
+
+
+def _is(node: fx.Node, targets) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets and len(node.args) == 2
+
+
+def hidden_flow(graph: fx.Graph, hidden: fx.Node) -> nx.DiGraph:
+    """The data-flow graph of the nodes that depend on `hidden`, as networkx edges producer -> consumer."""
+    flow = nx.DiGraph()
+    flow.add_node(hidden)
+    for node in graph.nodes:  # fx keeps nodes in topological order
+        for producer in node.all_input_nodes:
+            if producer in flow:
+                flow.add_edge(producer, node)
+    return flow
+
+
+def _dominates(idom: dict, a: fx.Node, b: fx.Node) -> bool:
+    while b in idom and idom[b] is not b:
+        b = idom[b]
+        if b is a:
+            return True
+    return False
+
+
+def _constant_scale(node: fx.Node, flow: nx.DiGraph) -> float | None:
+    if _is(node, _MULS):
+        constants = [a for a in node.args if isinstance(a, (int, float))]
+        if len(constants) == 1:
+            return float(constants[0])
+    return None
+
+
+def find_residual_chain(graph: fx.Graph, hidden_name: str) -> list[Residual]:
+    """The layer's residual branches in execution order, or NotReversible with the reason."""
+    hidden = next(n for n in graph.nodes if n.op == "placeholder" and n.target == hidden_name)
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    if isinstance(result, (tuple, list)):
+        extra = [r for r in result[1:] if r is not None]
+        if extra:
+            raise NotReversible(f"returns {len(result)} values: state passed between layers is not a residual stream")
+        result = result[0]
+    flow = hidden_flow(graph, hidden)
+    idom = nx.immediate_dominators(flow, hidden)
+
+    chain: list[Residual] = []
+    node = result
+    while node is not hidden:
+        if not isinstance(node, fx.Node) or node not in flow:
+            raise NotReversible("the output does not depend on the hidden state")
+        if not _is(node, _ADDS):
+            inner = [a for a in node.all_input_nodes if _is(a, _ADDS)]
+            if chain == [] and inner and node.op == "call_module":
+                raise NotReversible(f"post-norm: the layer ends in {node.target}(x + B(x)); a normalisation after "
+                                    "the residual add cannot be undone by a coupling")
+            raise NotReversible(f"{node.format_node()} stands between residual adds; the residual stream must pass "
+                                "from one add to the next unchanged (pre-norm)")
+        left, right = node.args
+        for stream, branch in ((left, right), (right, left)):
+            if isinstance(stream, fx.Node) and isinstance(branch, fx.Node) and branch in flow \
+                    and _dominates(idom, stream, branch):
+                chain.append(Residual(node, stream, branch, _constant_scale(branch, flow)))
+                node = stream
+                break
+        else:
+            if any(isinstance(a, fx.Node) and _is(a, _ADDS) for a in node.args):
+                raise NotReversible("parallel residual x + A(x) + M(x): both branches read the same input, so they "
+                                    "do not form a sequential attention -> FFN pair")
+            raise NotReversible(f"{node.format_node()} adds two values neither of which dominates the other")
+    chain.reverse()
+    return chain

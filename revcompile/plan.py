@@ -1,0 +1,143 @@
+"""The residual plan: which layers form attention -> FFN/MoE pairs, and why the others were left alone.
+
+`analyze` runs the capture and analysis passes once per distinct layer structure and returns a Plan; printing
+it shows a table.
+
+Example:
+    >>> plan = revcompile.analyze(model)
+    >>> plan.pairs[0].kinds
+    ('attention', 'moe')
+    >>> print(plan)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+from torch import fx, nn
+
+from .capture import LayerCall, LayerTrace, default_example, find_stacks, trace_layer
+from .errors import RevcompileError
+from .passes.classify import ATTENTION, FFN, MOE, classify_branches
+from .passes.extract import branch_graph_of
+from .passes.residuals import NotReversible, Residual, find_residual_chain
+
+
+@dataclass
+class LayerStructure:
+    """What the passes found in one distinct layer structure (shared by every layer that has it)."""
+
+    trace: LayerTrace
+    chain: list[Residual]
+    branch_graphs: list[fx.Graph]
+    kinds: list[str] = field(default_factory=list)
+
+    def branch_modules(self, i: int) -> tuple[str, ...]:
+        return tuple(n.target for n in self.branch_graphs[i].nodes if n.op == "call_module")
+
+
+@dataclass
+class Pair:
+    """An attention branch followed by an FFN or MoE branch, in one layer."""
+
+    layer: str
+    stack: str
+    index: int
+    kinds: tuple[str, str]
+    modules: tuple[tuple[str, ...], tuple[str, ...]]
+    scales: tuple[float | None, float | None]
+    module: nn.Module = field(repr=False)
+    call: LayerCall = field(repr=False)
+    structure: LayerStructure = field(repr=False)
+
+
+@dataclass
+class Skipped:
+    layer: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """Result of `revcompile.analyze`: the pairs found, what was skipped and why, and the layer stacks."""
+
+    stacks: list[str]
+    pairs: list[Pair]
+    skipped: list[Skipped]
+    structures: int
+
+    def table(self) -> str:
+        rows = [[p.layer, "+".join(p.modules[0]), "+".join(p.modules[1]), p.kinds[1],
+                 ", ".join("1" if s is None else f"{s:g}" for s in p.scales)] for p in self.pairs]
+        text = tabulate(rows, headers=["layer", "attention branch", "FFN/MoE branch", "kind", "residual scale"])
+        if self.skipped:
+            text += "\n\n" + tabulate([[s.layer, s.reason] for s in self.skipped], headers=["skipped", "reason"])
+        return text
+
+    def __str__(self) -> str:
+        head = (f"revcompile plan: {len(self.pairs)} pairs, {len(self.skipped)} skipped, in {', '.join(self.stacks)} "
+                f"({self.structures} distinct layer structure{'s' if self.structures != 1 else ''} traced)")
+        return head + "\n" + self.table()
+
+
+def layer_branches(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[LayerTrace, list[Residual], list[fx.Graph]]:
+    """Trace one layer for a call and cut out its residual branches (NotReversible with the reason otherwise)."""
+    trace = trace_layer(layer, args, kwargs)
+    chain = find_residual_chain(trace.graph, trace.hidden_name)
+    if len(chain) != 2:
+        raise NotReversible(f"found {len(chain)} residual branch{'es' if len(chain) != 1 else ''}; a pair is an "
+                            "attention branch followed by an FFN/MoE branch")
+    return trace, chain, [branch_graph_of(trace, r) for r in chain]
+
+
+def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
+    trace, chain, graphs = layer_branches(layer, call.args, call.kwargs)
+    kinds = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
+    if kinds[0] != ATTENTION or kinds[1] not in (FFN, MOE):
+        raise NotReversible(f"branches are {kinds[0]} then {kinds[1]}; a pair is attention then FFN/MoE")
+    return LayerStructure(trace, chain, graphs, kinds)
+
+
+def structure_key(layer: nn.Module, call: LayerCall) -> tuple:
+    """Layers with equal keys trace to the same graph: class, children's classes, call names, scalar attributes."""
+    scalars = tuple(sorted((k, v) for k, v in vars(layer).items()
+                           if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))))
+    children = tuple((name, type(child)) for name, child in layer.named_children())
+    return type(layer), children, tuple(call.kwargs), len(call.args), scalars
+
+
+def analyze(model: nn.Module, example_inputs: dict[str, Any] | None = None) -> Plan:
+    """Find the residual attention -> FFN/MoE pairs of `model` without changing it.
+
+    example_inputs: keyword arguments for one forward call; by default a few random tokens for the model's
+    embedding. Raises RevcompileError when the model is not an nn.Module or has no layer stack.
+    """
+    if not isinstance(model, nn.Module):
+        raise RevcompileError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if any(hasattr(m, "_revcompile") for m in model.modules()):
+        raise RevcompileError("this model is already converted by revcompile; call revcompile.undo(model) first")
+    stacks = find_stacks(model, example_inputs if example_inputs is not None else default_example(model))
+    if not stacks:
+        raise RevcompileError(f"{type(model).__name__} has no layer stack (an nn.ModuleList whose layers are "
+                              "called in order on each other's output); nothing to convert")
+    names = {m: n for n, m in model.named_modules()}
+    structures: dict[tuple, LayerStructure | NotReversible] = {}
+    pairs, skipped = [], []
+    for stack in stacks:
+        for index, (layer, call) in enumerate(zip(stack.layers, stack.calls)):
+            key = structure_key(layer, call)
+            if key not in structures:
+                try:
+                    structures[key] = _analyze_layer(layer, call)
+                except RevcompileError as reason:
+                    structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
+            found = structures[key]
+            if isinstance(found, NotReversible):
+                skipped.append(Skipped(names[layer], str(found)))
+                continue
+            pairs.append(Pair(names[layer], stack.name, index, tuple(found.kinds),
+                              (found.branch_modules(0), found.branch_modules(1)),
+                              tuple(r.scale for r in found.chain), layer, call, found))
+    return Plan([s.name for s in stacks], pairs, skipped, len(structures))

@@ -1,0 +1,134 @@
+"""The reversible autograd Function: forward keeps no activations, backward rebuilds them from the output.
+
+One Function call per converted layer, inside the model's own, unmodified layer loop. What stays alive per layer
+until backward is small: the RNG state and expert choices of each branch call (`replay.py`) and a `Slot`.
+
+NOTE: why slots. Autograd keeps alive whatever a Function saves, so a layer that saved its output would make
+memory O(depth) again. Instead a layer's output is held by a Slot that the *next* converted layer empties when it
+consumes the output in forward; in backward that next layer rebuilds its input (this layer's output) with the
+inverse and puts it back into the slot, where this layer's backward takes it out again. A layer whose output was
+never consumed by a converted layer (the last of a run) keeps its output in the slot, so its backward still
+finds it. At any moment at most a couple of slots hold a tensor: memory is flat in depth, and it is measured
+(bench/memory.py), not assumed.
+
+NOTE: why step by step. Backward walks the scheme's steps in reverse; for each step it recomputes the step's
+branch with grad on the (already exact) stream it reads, uses that output both to undo the step and to
+backpropagate, then drops the branch's graph before the next step. So the working set is one branch, not one
+layer, and each branch runs forward once more in backward (one extra forward in all, like checkpointing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_unflatten
+
+from ..errors import RevcompileError
+from .replay import Replay, run_recorded, run_replayed
+
+if TYPE_CHECKING:
+    from .layer import LayerRuntime
+
+
+TENSOR_LEAF = object()  # marks where a context tensor goes in CouplingCall.context_leaves
+
+
+class Slot:
+    """Holds one inter-layer tensor between the layer that made it and the backward that needs it."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor | None):
+        self.tensor = tensor
+
+    def take(self) -> torch.Tensor:
+        tensor, self.tensor = self.tensor, None
+        if tensor is None:
+            raise RevcompileError("a reversible layer's output is gone: backward ran twice through the same graph "
+                                  "(retain_graph=True is not supported by reversible layers) or out of order")
+        return tensor
+
+
+@dataclass
+class CouplingCall:
+    """Everything one layer call hands from its forward to its backward, besides tensors autograd tracks."""
+
+    runtime: "LayerRuntime"
+    branches: dict[str, torch.nn.Module]
+    context_leaves: list[Any]  # pytree leaves of the context; tensors are TENSOR_LEAF (they are Function inputs)
+    context_spec: TreeSpec
+    params: list[torch.nn.Parameter]
+    in_slot: Slot | None
+    out_slot: Slot | None
+    training: bool
+    replays: list[Replay] | None = None
+
+    def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
+        it = iter(tensors)
+        return tree_unflatten([next(it) if leaf is TENSOR_LEAF else leaf for leaf in self.context_leaves], self.context_spec)
+
+
+class ReversibleCoupling(torch.autograd.Function):
+    """apply(call, x, *context_tensors, *params) -> the layer's output (packed streams, or h after a merge)."""
+
+    @staticmethod
+    def forward(ctx, call: CouplingCall, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        rt = call.runtime
+        n_context = len(tensors) - len(call.params)
+        context = call.context(tensors[:n_context])
+        streams = rt.scheme.open_streams(x) if rt.is_first else rt.unpack(x)
+        call.replays = []
+        for step in rt.scheme.steps:
+            out, replay = run_recorded(call.branches[step.branch], (streams[step.reads], *context), rng=call.training)
+            streams[step.target] = step.apply(streams, out)
+            call.replays.append(replay)
+        ctx.call = call
+        ctx.n_context = n_context
+        packed = rt.pack(streams)
+        if rt.is_last:
+            ctx.save_for_backward(packed, *tensors[:n_context])
+            return rt.scheme.merge_streams(streams)
+        ctx.save_for_backward(*tensors[:n_context])
+        call.out_slot.tensor = packed.detach()
+        return packed
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        call: CouplingCall = ctx.call
+        rt, scheme = call.runtime, call.runtime.scheme
+        saved = ctx.saved_tensors
+        if rt.is_last:
+            streams, grads = rt.unpack(saved[0]), scheme.merge_grad(grad_out)
+            context_tensors = saved[1:]
+        else:
+            streams, grads = rt.unpack(call.out_slot.take()), rt.unpack(grad_out)
+            context_tensors = saved
+        context_inputs = [t.detach().requires_grad_(t.requires_grad) for t in context_tensors]
+        context = call.context(tuple(context_inputs))
+        wrt = [t for t in context_inputs if t.requires_grad] + call.params
+        accumulated: list[torch.Tensor | None] = [None] * len(wrt)
+
+        for step, replay in zip(reversed(scheme.steps), reversed(call.replays)):
+            read = streams[step.reads].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = run_replayed(call.branches[step.branch], (read, *context), replay)
+            streams[step.target] = step.undo(streams, out.detach())
+            g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
+            g_read, *g_wrt = torch.autograd.grad(out, [read, *wrt], g_out, allow_unused=True)
+            grads = step.transpose(grads)
+            if g_read is not None:
+                grads[step.reads] = grads[step.reads] + g_read
+            accumulated = [a if g is None else g if a is None else a + g for a, g in zip(accumulated, g_wrt)]
+            del out, read, g_wrt
+
+        if rt.is_first:
+            grad_x = scheme.open_grad(grads)
+        else:
+            grad_x = rt.pack(grads)
+            if call.in_slot is not None:
+                call.in_slot.tensor = rt.pack(streams)
+        by_input = iter(accumulated)
+        context_grads = [next(by_input) if t.requires_grad else None for t in context_inputs]
+        return (None, grad_x, *context_grads, *by_input)

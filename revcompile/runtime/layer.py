@@ -1,0 +1,150 @@
+"""Reversible layers: the converted layer keeps its class, its children and its state_dict keys.
+
+A converted layer's class is swapped for a subclass whose forward runs the coupling (as FSDP2's fully_shard does),
+so `isinstance` checks, hooks and parameter names stay as they were and `undo` swaps the class back. A run of
+consecutive converted layers passes its streams from layer to layer packed in one tensor of shape
+(n_streams, *hidden.shape); the first layer of a run opens them from the hidden state, the last merges them back,
+so the model's own loop (`for decoder_layer in self.layers`) runs unmodified.
+
+Which path a call takes:
+- training, grad enabled, inversion on: the reversible Function (activations rebuilt in backward);
+- otherwise (eval, torch.no_grad(), `disable_inversion()`, `invert=False`): the generated coupled GraphModule
+  under ordinary autograd, the reference every gradient test compares against.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from ..capture.tracer import bind_call
+from ..coupling import Scheme
+from ..errors import RevcompileError
+from ..passes.rewrite import coupling_module
+from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
+
+_state = threading.local()
+
+
+@contextmanager
+def disable_inversion():
+    """Inside this block converted models run the same coupled computation with ordinary autograd.
+
+    Example:
+        >>> with revcompile.disable_inversion():
+        ...     model(ids, labels=ids).loss.backward()   # stores activations: the gradient reference
+    """
+    previous = getattr(_state, "disabled", False)
+    _state.disabled = True
+    try:
+        yield
+    finally:
+        _state.disabled = previous
+
+
+def inversion_disabled() -> bool:
+    return getattr(_state, "disabled", False)
+
+
+def _is_cache(value: Any) -> bool:
+    return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
+
+
+class LayerRuntime:
+    """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
+
+    def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], context_names: tuple,
+                 is_first: bool, is_last: bool, invert: bool, original_class: type):
+        self.scheme = scheme
+        self.is_first = is_first
+        self.is_last = is_last
+        self.invert = invert
+        self.original_class = original_class
+        self.forward_fn = inspect.unwrap(original_class.forward)
+        self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule]] = {}
+        self._build(layer, branch_graphs, context_names)
+        self._warned_cache = False
+
+    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], context_names: tuple[str, ...]):
+        branches = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
+                    for name, graph in zip(self.scheme.branches, branch_graphs)}
+        self._built[context_names] = (branches, coupling_module(self.scheme, branches, context_names))
+
+    def coupling(self, layer: nn.Module, args: tuple, kwargs: dict, context_names: tuple[str, ...]):
+        """(branches, coupled GraphModule) for calls with these context names; traced again for new names."""
+        if context_names not in self._built:
+            from ..plan import layer_branches  # the passes, run again for a call signature the probe did not see
+
+            original = layer.__class__
+            layer.__class__ = self.original_class
+            try:
+                _, _, graphs = layer_branches(layer, args, kwargs)
+            finally:
+                layer.__class__ = original
+            self._build(layer, graphs, context_names)
+        return self._built[context_names]
+
+    # streams travel between layers packed along a new leading dimension; unbind gives contiguous views
+    def pack(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([streams[s] for s in self.scheme.streams])
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        if packed.shape[0] != len(self.scheme.streams):
+            raise RevcompileError("a converted layer received a hidden state instead of packed streams: converted "
+                                  "layers must be called in order, from the first of their run to the last")
+        return dict(zip(self.scheme.streams, packed.unbind(0)))
+
+    def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        _, hidden, context = bind_call(self.forward_fn, layer, args, kwargs)
+        names = tuple(context)
+        branches, coupled = self.coupling(layer, args, kwargs, names)
+        values = list(context.values())
+        params = [p for p in layer.parameters() if p.requires_grad]
+        reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
+                      and (hidden.requires_grad or bool(params)))
+        if not reversible:
+            streams = self.scheme.open_streams(hidden) if self.is_first else self.unpack(hidden)
+            streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
+            return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
+
+        if any(_is_cache(v) for v in values):
+            if not self._warned_cache:
+                warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
+                              "backward recompute would update it twice). Pass use_cache=False when training.")
+                self._warned_cache = True
+            values = [None if _is_cache(v) else v for v in values]
+        leaves, spec = tree_flatten(values)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
+        call = CouplingCall(self, branches, [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
+                            spec, params, in_slot, None if self.is_last else Slot(None), layer.training)
+        out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
+        if in_slot is not None:
+            in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
+        if call.out_slot is not None:
+            out._revcompile_slot = call.out_slot
+        return out
+
+
+class ReversibleLayer:
+    """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime."""
+
+    def forward(self, *args, **kwargs):
+        return self._revcompile(self, args, kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def reversible_class(cls: type) -> type:
+    """The (cached) subclass `Reversible<cls>` of a layer class."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Reversible{cls.__name__}", (ReversibleLayer, cls), {"__module__": cls.__module__})
+    return _CLASSES[cls]

@@ -1,0 +1,115 @@
+"""Make a branch's recompute in backward see exactly what its forward saw: RNG state and expert choices.
+
+RNG: dropout and router jitter draw random numbers; the state before each branch call is saved in forward and
+restored around the recompute (the CPU generator and, for CUDA tensors, the device's).
+
+Routing: a reconstructed input differs from the true one by rounding, and a near-tied top-k router can then pick
+another expert. Every `torch.topk` a branch runs in forward is recorded (the indices: tokens x k integers) and
+replayed in backward: the recompute gathers its values at the recorded indices, so gradients flow through the
+same router weights the forward used. Classification also uses the recorder: a branch whose forward runs a top-k
+is a router feeding experts, i.e. MoE.
+
+Example:
+    >>> out, replay = run_recorded(branch, (x,), rng=True)
+    >>> again = run_replayed(branch, (x,), replay)        # same dropout mask, same experts
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..errors import RevcompileError
+
+_TOPK = {torch.topk, torch.Tensor.topk}
+
+
+def _topk_input_and_dim(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int]:
+    tensor = args[0] if args else kwargs["input"]
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+    return tensor, dim
+
+
+class RoutingRecorder(TorchFunctionMode):
+    """Records the indices of every top-k selection run under it, in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.choices: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in _TOPK:
+            self.choices.append(result.indices.detach())
+        return result
+
+
+class RoutingReplayer(TorchFunctionMode):
+    """Answers each top-k call with the recorded indices, gathering the (differentiable) values at them."""
+
+    def __init__(self, choices: list[torch.Tensor]):
+        super().__init__()
+        self._choices = list(choices)
+        self._next = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _TOPK:
+            return func(*args, **kwargs)
+        if self._next >= len(self._choices):
+            raise RevcompileError("routing replay: the recompute ran more top-k selections than the forward; the "
+                                  "branch is not deterministic on recompute")
+        indices = self._choices[self._next]
+        self._next += 1
+        tensor, dim = _topk_input_and_dim(args, kwargs)
+        return torch.return_types.topk((tensor.gather(dim, indices), indices))
+
+
+@dataclass
+class RngState:
+    cpu: torch.Tensor
+    device: torch.device | None = None
+    device_state: torch.Tensor | None = None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "RngState":
+        if device.type == "cuda":
+            return cls(torch.get_rng_state(), device, torch.cuda.get_rng_state(device))
+        return cls(torch.get_rng_state())
+
+    @contextmanager
+    def restored(self):
+        devices = [self.device] if self.device is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.device_state, self.device)
+            yield
+
+
+@dataclass
+class Replay:
+    """What one branch call needs to be recomputed exactly."""
+
+    rng: RngState | None = None
+    routing: list[torch.Tensor] = field(default_factory=list)
+
+
+def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]:
+    """Call `branch(*args)`, recording its top-k choices and (when `rng`) the RNG state before it."""
+    replay = Replay(RngState.capture(args[0].device) if rng else None)
+    recorder = RoutingRecorder()
+    with recorder:
+        out = branch(*args)
+    replay.routing = recorder.choices
+    return out, replay
+
+
+def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
+    """Call `branch(*args)` with the RNG state and expert choices of the recorded call."""
+    with (replay.rng.restored() if replay.rng else nullcontext()), RoutingReplayer(replay.routing):
+        return branch(*args)
