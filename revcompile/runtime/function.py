@@ -38,10 +38,14 @@ TENSOR_LEAF = object()  # marks where a context tensor goes in CouplingCall.cont
 class Slot:
     """Holds one inter-layer tensor between the layer that made it and the backward that needs it."""
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "owned")
 
-    def __init__(self, tensor: torch.Tensor | None):
+    def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
+        self.owned = False  # True once it holds a reconstruction that only revcompile can see
+
+    def refill(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.owned = tensor, True
 
     def take(self) -> torch.Tensor:
         tensor, self.tensor = self.tensor, None
@@ -97,14 +101,23 @@ class ReversibleCoupling(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         call: CouplingCall = ctx.call
+        if call.replays is None:
+            raise RevcompileError("backward ran twice through a reversible layer; retain_graph=True is not supported")
         rt, scheme = call.runtime, call.runtime.scheme
         saved = ctx.saved_tensors
+        # NOTE: the streams live in one packed buffer, undone in place and handed on to the previous layer, so
+        # the peak (a branch recompute) sees one packed buffer of streams and the incoming gradient, nothing more.
+        # The buffer is only written in place when nobody else can see it: our own saved tensor, or a
+        # reconstruction the next layer's backward made.
         if rt.is_last:
-            streams, grads = rt.unpack(saved[0]), scheme.merge_grad(grad_out)
-            context_tensors = saved[1:]
+            packed, context_tensors = saved[0], saved[1:]
+            grads = scheme.merge_grad(grad_out)
         else:
-            streams, grads = rt.unpack(call.out_slot.take()), rt.unpack(grad_out)
-            context_tensors = saved
+            packed, context_tensors = call.out_slot.take(), saved
+            if not call.out_slot.owned:
+                packed = packed.clone()  # the forward's own output: others (hooks, hidden states) may hold it
+            grads = rt.unpack(grad_out)
+        streams = rt.unpack(packed)
         context_inputs = [t.detach().requires_grad_(t.requires_grad) for t in context_tensors]
         context = call.context(tuple(context_inputs))
         wrt = [t for t in context_inputs if t.requires_grad] + call.params
@@ -114,21 +127,23 @@ class ReversibleCoupling(torch.autograd.Function):
             read = streams[step.reads].detach().requires_grad_(True)
             with torch.enable_grad():
                 out = run_replayed(call.branches[step.branch], (read, *context), replay)
-            streams[step.target] = step.undo(streams, out.detach())
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
             g_read, *g_wrt = torch.autograd.grad(out, [read, *wrt], g_out, allow_unused=True)
+            # after the grad: `read` is a view of the same buffer, and autograd checks its version
+            streams[step.target].copy_(step.undo(streams, out.detach()))
             grads = step.transpose(grads)
             if g_read is not None:
                 grads[step.reads] = grads[step.reads] + g_read
             accumulated = [a if g is None else g if a is None else a + g for a, g in zip(accumulated, g_wrt)]
-            del out, read, g_wrt
+            del out, read, g_read, g_wrt
+        call.replays = None
 
         if rt.is_first:
             grad_x = scheme.open_grad(grads)
         else:
             grad_x = rt.pack(grads)
             if call.in_slot is not None:
-                call.in_slot.tensor = rt.pack(streams)
+                call.in_slot.refill(packed)
         by_input = iter(accumulated)
         context_grads = [next(by_input) if t.requires_grad else None for t in context_inputs]
         return (None, grad_x, *context_grads, *by_input)

@@ -124,7 +124,7 @@ class LayerRuntime:
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
         call = CouplingCall(self, branches, [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
-                            spec, params, in_slot, None if self.is_last else Slot(None), layer.training)
+                            spec, params, in_slot, None if self.is_last else Slot(), layer.training)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
         if in_slot is not None:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)

@@ -1,0 +1,160 @@
+"""Measure one training step of a method side by side with the others: real peak memory and time.
+
+Each measurement runs in a child process (`python -m revcompile.measure`), so one method's allocations never
+colour another's. Memory is real peak memory above the pre-step level:
+- CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS before the step. The child runs with
+  glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072); with the default dynamic threshold freed tensors
+  stay in the heap and RSS overstates every method.
+- CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the step.
+A warm-up step runs first and gradients stay allocated (zero_grad(set_to_none=False)), so the figure is what a
+step adds on top of weights and gradients: activations and the backward's working set.
+
+Example:
+    >>> measure_step("revcompile", depth=8)["peak_mb"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+METHODS = ("plain", "checkpointing", "selective", "revcompile")
+METHOD_LABELS = {
+    "plain": "plain training",
+    "checkpointing": "HF activation checkpointing",
+    "selective": "torch selective checkpointing",
+    "revcompile": "revcompile (reversible)",
+}
+# A config where activations dominate (issue 2): tiny Mixtral, hidden 128, sdpa attention, fp32.
+MEMORY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=256, batch=4, seq=512)
+
+
+def _selective_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
+    """Set `model` up for training with `method` (one of METHODS), in place."""
+    if method == "plain":
+        return model
+    if method == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    if method == "selective":
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+        context_fn = partial(create_selective_checkpoint_contexts, _selective_policy())
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "context_fn": context_fn})
+        assert checkpoint  # the HF wrapper calls torch.utils.checkpoint.checkpoint with context_fn
+        return model
+    if method == "revcompile":
+        import revcompile
+
+        return revcompile.make_reversible(model)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
+                         dtype: str = "float32", steps: int = 1, attn: str = "sdpa", **config: Any) -> dict:
+    """In this process: build the model, warm up, then measure `steps` training steps (peak of the first)."""
+    from .models import tiny_config, tiny_model_from_config
+
+    model_type = config.pop("model_type", "mixtral")
+    torch.manual_seed(0)
+    cfg = tiny_config(model_type, num_hidden_layers=depth, attn_implementation=attn,
+                      experts_implementation=config.pop("experts", "eager"), **config)
+    model = tiny_model_from_config(cfg).to(device=device, dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    prepare(model, method)
+    model.train()
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
+
+    def step():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return float(loss)
+
+    step()
+    model.zero_grad(set_to_none=False)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        import gc
+
+        gc.collect()
+        before = _rss_bytes("VmRSS")
+        _reset_peak_rss()
+    times = []
+    loss = None
+    for i in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if i == 0:
+            peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before
+        model.zero_grad(set_to_none=False)
+    return {"method": method, "depth": depth, "batch": batch, "seq": seq, "device": device, "dtype": dtype,
+            "peak_mb": peak / 2**20, "step_s": statistics.median(times), "loss": loss}
+
+
+def measure_step(method: str, depth: int, **kwargs: Any) -> dict:
+    """`run_step_measurement` in a fresh child process (fixed mmap threshold); returns its result dict."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    spec = json.dumps(dict(method=method, depth=depth, **kwargs))
+    proc = subprocess.run([sys.executable, "-m", "revcompile.measure", spec], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="measure one training step in this process (used by bench/)")
+    parser.add_argument("spec", help="JSON object of run_step_measurement's arguments")
+    print(json.dumps(run_step_measurement(**json.loads(parser.parse_args().spec))))
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    main()
