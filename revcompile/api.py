@@ -23,13 +23,13 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 
 def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, invert: bool = True,
-                    example_inputs: dict[str, Any] | None = None) -> nn.Module:
+                    example_inputs: Any = None) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.schemes.SCHEMES`) or a Scheme.
     invert:          False keeps the coupled computation but trains it with ordinary autograd (stores activations).
-    example_inputs:  keyword arguments for one forward call used to find the layers; by default a few random
-                     tokens for the model's embedding.
+    example_inputs:  one forward call's input (a tensor, a tuple of arguments or a dict of keywords), used to
+                     find the layers; by default a few random tokens for the model's embedding.
 
     Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
     as they are and listed in `plan.skipped`. Raises RevcompileError (the model unchanged) for a non-Module, a

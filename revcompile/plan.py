@@ -18,7 +18,7 @@ from typing import Any
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import LayerCall, LayerTrace, default_example, find_stacks, trace_layer
+from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_layer
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_branches
 from .passes.extract import branch_graph_of
@@ -108,17 +108,17 @@ def structure_key(layer: nn.Module, call: LayerCall) -> tuple:
     return type(layer), children, tuple(call.kwargs), len(call.args), scalars
 
 
-def analyze(model: nn.Module, example_inputs: dict[str, Any] | None = None) -> Plan:
+def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     """Find the residual attention -> FFN/MoE pairs of `model` without changing it.
 
-    example_inputs: keyword arguments for one forward call; by default a few random tokens for the model's
-    embedding. Raises RevcompileError when the model is not an nn.Module or has no layer stack.
+    example_inputs: one forward call's input (a tensor, a tuple of arguments or a dict of keywords); by default a
+    few random tokens for the model's embedding. Raises RevcompileError when the model is not an nn.Module or has no layer stack.
     """
     if not isinstance(model, nn.Module):
         raise RevcompileError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if any(hasattr(m, "_revcompile") for m in model.modules()):
         raise RevcompileError("this model is already converted by revcompile; call revcompile.undo(model) first")
-    stacks = find_stacks(model, example_inputs if example_inputs is not None else default_example(model))
+    stacks = find_stacks(model, example_call(model, example_inputs))
     if not stacks:
         raise RevcompileError(f"{type(model).__name__} has no layer stack (an nn.ModuleList whose layers are "
                               "called in order on each other's output); nothing to convert")

@@ -6,7 +6,7 @@ not matter. The recorded calls (arguments, keyword arguments, outputs) tell the 
 and give the analysis passes real values to classify branches with.
 
 Example:
-    >>> stacks = find_stacks(model, default_example(model))
+    >>> stacks = find_stacks(model, example_call(model))
     >>> stacks[0].name, len(stacks[0].layers)
     ('model.layers', 2)
 """
@@ -43,9 +43,10 @@ class Stack:
     calls: list[LayerCall]
 
 
-def default_example(model: nn.Module) -> dict[str, Any]:
-    """Keyword arguments for a probe run: `input_ids` of PROBE_TOKENS random tokens for the model's embedding.
+def default_example(model: nn.Module) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) for a probe run: PROBE_TOKENS random tokens for the model's embedding.
 
+    Hugging Face models get `input_ids=..., use_cache=False`; other models get the ids as the first argument.
     Raises RevcompileError when the model has no token embedding to size them by.
     """
     embedding = None
@@ -55,13 +56,25 @@ def default_example(model: nn.Module) -> dict[str, Any]:
         embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if embedding is None:
         raise RevcompileError(f"{type(model).__name__} has no token embedding to build a probe input from; pass "
-                              "example_inputs=dict(...) with keyword arguments for one forward call")
+                              "example_inputs=(args tuple), a tensor, or dict(...) of keyword arguments for one "
+                              "forward call")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, embedding.num_embeddings, (1, PROBE_TOKENS), generator=generator)
-    example: dict[str, Any] = {"input_ids": ids.to(embedding.weight.device)}
+    ids = ids.to(embedding.weight.device)
     if hasattr(model, "config"):
-        example["use_cache"] = False
-    return example
+        return (), {"input_ids": ids, "use_cache": False}
+    return (ids,), {}
+
+
+def example_call(model: nn.Module, example_inputs: Any = None) -> tuple[tuple, dict[str, Any]]:
+    """Normalise `example_inputs` (None, a tensor, a tuple of arguments or a dict of keywords) to (args, kwargs)."""
+    if example_inputs is None:
+        return default_example(model)
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    return (example_inputs,), {}
 
 
 @contextmanager
@@ -81,8 +94,8 @@ def _first_tensor(value: Any) -> Any:
     return value
 
 
-def find_stacks(model: nn.Module, example: dict[str, Any]) -> list[Stack]:
-    """Run `model(**example)` once (eval mode, no grad) and return the layer stacks it used, outermost first."""
+def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list[Stack]:
+    """Run `model(*args, **kwargs)` once (eval mode, no grad) and return the layer stacks it used, in order."""
     calls: dict[nn.Module, list[LayerCall]] = {}
     handles = []
 
@@ -99,10 +112,10 @@ def find_stacks(model: nn.Module, example: dict[str, Any]) -> list[Stack]:
             handles.append(child.register_forward_hook(record_output, with_kwargs=True))
     try:
         with torch.no_grad(), _eval_mode(model):
-            model(**example)
+            model(*example[0], **example[1])
     except Exception as err:
-        raise RevcompileError(f"the probe run model(**{sorted(example)}) failed ({type(err).__name__}: {err}); pass "
-                              "example_inputs=dict(...) that the model accepts") from err
+        raise RevcompileError(f"the probe run of {type(model).__name__} failed ({type(err).__name__}: {err}); pass "
+                              "example_inputs that the model accepts") from err
     finally:
         for handle in handles:
             handle.remove()

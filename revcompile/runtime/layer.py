@@ -68,17 +68,21 @@ class LayerRuntime:
         self.invert = invert
         self.original_class = original_class
         self.forward_fn = inspect.unwrap(original_class.forward)
-        self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule]] = {}
+        self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
         self._build(layer, branch_graphs, context_names)
         self._warned_cache = False
 
     def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], context_names: tuple[str, ...]):
         branches = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
                     for name, graph in zip(self.scheme.branches, branch_graphs)}
-        self._built[context_names] = (branches, coupling_module(self.scheme, branches, context_names))
+        self._built[context_names] = (branches, coupling_module(self.scheme, branches, context_names),
+                                      coupling_module(self.scheme, branches, context_names, inverse=True))
 
     def coupling(self, layer: nn.Module, args: tuple, kwargs: dict, context_names: tuple[str, ...]):
-        """(branches, coupled GraphModule) for calls with these context names; traced again for new names."""
+        """(branches, coupled forward, generated inverse) for calls with these context names.
+
+        A call signature the probe did not see (say, generate() passing other keywords) is traced again.
+        """
         if context_names not in self._built:
             from ..plan import layer_branches  # the passes, run again for a call signature the probe did not see
 
@@ -90,6 +94,10 @@ class LayerRuntime:
                 layer.__class__ = original
             self._build(layer, graphs, context_names)
         return self._built[context_names]
+
+    def generated(self) -> tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]:
+        """(branches, coupled forward, inverse) generated for the call signature seen when converting."""
+        return next(iter(self._built.values()))
 
     # streams travel between layers packed along a new leading dimension; unbind gives contiguous views
     def pack(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,7 +112,7 @@ class LayerRuntime:
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         _, hidden, context = bind_call(self.forward_fn, layer, args, kwargs)
         names = tuple(context)
-        branches, coupled = self.coupling(layer, args, kwargs, names)
+        branches, coupled, _ = self.coupling(layer, args, kwargs, names)
         values = list(context.values())
         params = [p for p in layer.parameters() if p.requires_grad]
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()

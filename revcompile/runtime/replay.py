@@ -3,11 +3,11 @@
 RNG: dropout and router jitter draw random numbers; the state before each branch call is saved in forward and
 restored around the recompute (the CPU generator and, for CUDA tensors, the device's).
 
-Routing: a reconstructed input differs from the true one by rounding, and a near-tied top-k router can then pick
-another expert. Every `torch.topk` a branch runs in forward is recorded (the indices: tokens x k integers) and
-replayed in backward: the recompute gathers its values at the recorded indices, so gradients flow through the
-same router weights the forward used. Classification also uses the recorder: a branch whose forward runs a top-k
-is a router feeding experts, i.e. MoE.
+Routing: a reconstructed input differs from the true one by rounding, and a near-tied router can then pick
+another expert. Every selection a branch makes in forward (`topk`, and `max` along a dim as PhiMoE's sparsemixer
+uses) is recorded (the indices: tokens x k integers) and replayed in backward: the recompute gathers its values at
+the recorded indices, so gradients flow through the same router weights the forward used. Classification also
+uses the recorder: a branch whose forward makes a selection is a router feeding experts, i.e. MoE.
 
 Example:
     >>> out, replay = run_recorded(branch, (x,), rng=True)
@@ -25,17 +25,27 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import RevcompileError
 
-_TOPK = {torch.topk, torch.Tensor.topk}
+_SELECTIONS = {torch.topk, torch.Tensor.topk, torch.max, torch.Tensor.max}
+_SELECTION_RESULTS = (torch.return_types.topk, torch.return_types.max)
 
 
-def _topk_input_and_dim(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int]:
-    tensor = args[0] if args else kwargs["input"]
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
-    return tensor, dim
+def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _gather_selected(func, args: tuple, kwargs: dict, indices: torch.Tensor):
+    """The result `func(*args, **kwargs)` would give if it had selected `indices`, values differentiable."""
+    tensor = _arg(args, kwargs, 0, "input", None)
+    if func in (torch.topk, torch.Tensor.topk):
+        dim = _arg(args, kwargs, 2, "dim", -1)
+        return torch.return_types.topk((tensor.gather(dim, indices), indices))
+    dim, keepdim = _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False)
+    values = tensor.gather(dim, indices if keepdim else indices.unsqueeze(dim))
+    return torch.return_types.max((values if keepdim else values.squeeze(dim), indices))
 
 
 class RoutingRecorder(TorchFunctionMode):
-    """Records the indices of every top-k selection run under it, in call order."""
+    """Records the indices of every selection (top-k, max along a dim) run under it, in call order."""
 
     def __init__(self):
         super().__init__()
@@ -43,13 +53,13 @@ class RoutingRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if func in _TOPK:
+        if func in _SELECTIONS and isinstance(result, _SELECTION_RESULTS):
             self.choices.append(result.indices.detach())
         return result
 
 
 class RoutingReplayer(TorchFunctionMode):
-    """Answers each top-k call with the recorded indices, gathering the (differentiable) values at them."""
+    """Answers each selection with the recorded indices, gathering the (differentiable) values at them."""
 
     def __init__(self, choices: list[torch.Tensor]):
         super().__init__()
@@ -58,15 +68,17 @@ class RoutingReplayer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _TOPK:
+        if func not in _SELECTIONS:
             return func(*args, **kwargs)
-        if self._next >= len(self._choices):
-            raise RevcompileError("routing replay: the recompute ran more top-k selections than the forward; the "
+        result = func(*args, **kwargs)
+        if not isinstance(result, _SELECTION_RESULTS):
+            return result
+        if self._next >= len(self._choices) or self._choices[self._next].shape != result.indices.shape:
+            raise RevcompileError("routing replay: the recompute made other selections than the forward; the "
                                   "branch is not deterministic on recompute")
         indices = self._choices[self._next]
         self._next += 1
-        tensor, dim = _topk_input_and_dim(args, kwargs)
-        return torch.return_types.topk((tensor.gather(dim, indices), indices))
+        return _gather_selected(func, args, kwargs, indices)
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""Plain PyTorch models (not Hugging Face, own names) for the tests: a pre-norm MoE, a post-norm and a
+parallel-residual transformer that revcompile must skip with a reason."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TopKMoE(nn.Module):
+    def __init__(self, width: int, experts: int = 4, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+                                     for _ in range(experts))
+
+    def forward(self, x):
+        weights, chosen = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            gate = (weights * (chosen == e)).sum(-1, keepdim=True)
+            out = out + gate * expert(x)
+        return out
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm_a, self.mix = nn.LayerNorm(width), SelfAttention(width)
+        self.norm_b, self.ff = nn.LayerNorm(width), TopKMoE(width)
+
+    def forward(self, x):
+        x = x + self.mix(self.norm_a(x))
+        return x + self.ff(self.norm_b(x))
+
+
+class PostNormBlock(PreNormBlock):
+    def forward(self, x):
+        x = self.norm_a(x + self.mix(x))
+        return self.norm_b(x + self.ff(x))
+
+
+class ParallelBlock(PreNormBlock):
+    def forward(self, x):
+        return x + self.mix(self.norm_a(x)) + self.ff(self.norm_b(x))
+
+
+class PlainLM(nn.Module):
+    """`blocks[i]` of `block` class over a token embedding; returns logits."""
+
+    def __init__(self, block: type = PreNormBlock, depth: int = 3, width: int = 32, vocab: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(block(width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))

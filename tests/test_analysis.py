@@ -1,0 +1,78 @@
+"""The analysis passes: pairs per family, skipped layers and their reasons, one trace per layer structure."""
+
+import pytest
+import torch
+
+import revcompile
+from revcompile.capture import example_call, find_stacks
+from revcompile.errors import RevcompileError
+from conftest import make_model
+from plain_models import ParallelBlock, PlainLM, PostNormBlock
+
+EXPECTED_KINDS = {  # (first layer, later layers): the tiny configs keep each family's structure
+    "mixtral": ("moe", "moe"), "qwen2_moe": ("moe", "moe"), "qwen3_moe": ("moe", "moe"), "olmoe": ("moe", "moe"),
+    "deepseek_v3": ("ffn", "moe"), "glm4_moe": ("ffn", "moe"), "gpt_oss": ("moe", "moe"),
+    "granitemoe": ("moe", "moe"), "phimoe": ("moe", "moe"), "llama": ("ffn", "ffn"), "plain": ("moe", "moe"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_pairs_found_per_family(name):
+    plan = revcompile.analyze(make_model(name, layers=3))
+    assert not plan.skipped
+    assert [p.index for p in plan.pairs] == [0, 1, 2]
+    first, later = EXPECTED_KINDS[name]
+    assert [p.kinds for p in plan.pairs] == [("attention", first)] + [("attention", later)] * 2
+    assert plan.structures == (2 if first != later else 1)
+    assert "attention branch" in str(plan)
+
+
+def test_plain_model_names_are_found():
+    plan = revcompile.analyze(make_model("plain"))
+    assert plan.stacks == ["blocks"]
+    assert plan.pairs[0].modules == (("norm_a", "mix"), ("norm_b", "ff"))
+
+
+def test_granite_residual_multiplier_is_found():
+    plan = revcompile.analyze(make_model("granitemoe"))
+    assert all(p.scales == (0.5, 0.5) for p in plan.pairs)
+
+
+@pytest.mark.parametrize("block, reason", [(PostNormBlock, "post-norm"), (ParallelBlock, "parallel residual")])
+def test_unsupported_layers_are_skipped_with_reason(block, reason):
+    model = PlainLM(block=block)
+    plan = revcompile.analyze(model)
+    assert not plan.pairs and len(plan.skipped) == 3
+    assert all(reason in s.reason for s in plan.skipped)
+    with pytest.raises(RevcompileError, match=reason):
+        revcompile.make_reversible(model)
+
+
+def test_mixed_stack_converts_only_what_it_can():
+    model = PlainLM(depth=4)
+    model.blocks[2] = PostNormBlock(32)
+    plan = revcompile.analyze(model)
+    assert [p.index for p in plan.pairs] == [0, 1, 3] and plan.skipped[0].layer == "blocks.2"
+    revcompile.make_reversible(model)
+    model.train()
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(ids)
+    out.sum().backward()
+    runtimes = [b._revcompile for b in (model.blocks[0], model.blocks[1], model.blocks[3])]
+    assert [(r.is_first, r.is_last) for r in runtimes] == [(True, False), (False, True), (True, True)]
+
+
+def test_stack_is_found_without_names():
+    model = make_model("plain")
+    stacks = find_stacks(model, example_call(model))
+    assert [s.name for s in stacks] == ["blocks"]  # the experts' ModuleList is not a chain
+
+
+def test_converted_graph_differs_from_original():
+    model = make_model("mixtral")
+    revcompile.make_reversible(model)
+    pair = model._revcompile_plan.pairs[0]
+    _, coupled, _ = pair.module._revcompile.generated()
+    original = [n.op for n in pair.structure.trace.graph.nodes if n.op == "placeholder"]
+    assert len([n for n in coupled.graph.nodes if n.op == "placeholder"]) == len(original) + 2  # q, p, h0
+    assert coupled.code != str(pair.structure.trace.graph)
