@@ -59,14 +59,15 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
     if method == "selective":
+        # Hugging Face's per-layer checkpointing, with torch's selective policy: matmul and attention outputs are
+        # kept, everything else (norms, activations, routing) is recomputed.
         from functools import partial
 
-        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         context_fn = partial(create_selective_checkpoint_contexts, _selective_policy())
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                            "context_fn": context_fn})
-        assert checkpoint  # the HF wrapper calls torch.utils.checkpoint.checkpoint with context_fn
         return model
     if method == "revcompile":
         import revcompile

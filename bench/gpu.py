@@ -1,0 +1,149 @@
+"""GPU: peak memory and tokens/s of plain training, HF activation checkpointing and revcompile on an
+OLMoE-1B-7B-sized MoE (random weights, bf16), at the largest batch each method fits.
+
+Prepared for a session that is lent a GPU machine (the test suite never needs one):
+
+    python bench/gpu.py --out bench/results          # -> gpu_<device>.{md,json,png}
+    python bench/gpu.py --small --device cpu         # a dry run of the script itself, tiny config
+
+For each method the batch doubles (seq fixed) until the step runs out of memory or the time budget is spent.
+Memory is torch.cuda.max_memory_allocated above the level of weights + allocated gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import revcompile  # noqa: E402
+from revcompile.measure import METHOD_LABELS, prepare  # noqa: E402
+from revcompile.models import tiny_config, tiny_model_from_config  # noqa: E402
+
+OLMOE_1B_7B = dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                   num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
+                   max_position_embeddings=4096)
+SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+             num_experts=8, num_experts_per_tok=2, vocab_size=512, max_position_embeddings=512)
+
+
+def set_method(model: torch.nn.Module, method: str, device: str) -> None:
+    if revcompile.converted_layers(model):
+        revcompile.undo(model)
+    model.gradient_checkpointing_disable()
+    if method == "revcompile":
+        ids = torch.randint(0, 100, (1, 8), device=device)
+        revcompile.make_reversible(model, example_inputs=dict(input_ids=ids, use_cache=False))
+    else:
+        prepare(model, method)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    cuda = args.device.startswith("cuda")
+    config = tiny_config("olmoe", attn_implementation="sdpa", experts_implementation="grouped_mm" if cuda else "eager",
+                         **(SMALL if args.small else OLMOE_1B_7B))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = tiny_model_from_config(config).to(torch.bfloat16 if cuda else torch.float32)
+    model.config.use_cache = False
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e9:.2f}B parameters, {config.num_hidden_layers} layers", flush=True)
+    results = []
+    for method in args.methods:
+        deadline = time.time() + args.budget_s / len(args.methods)
+        set_method(model, method, args.device)
+        batch = 1
+        while batch <= args.max_batch and time.time() < deadline:
+            ids = torch.randint(0, config.vocab_size, (batch, args.seq), device=args.device)
+            row = dict(method=method, batch=batch, seq=args.seq, tokens=batch * args.seq, params_b=params / 1e9)
+            try:
+                model(ids, labels=ids).loss.backward()  # warm-up; allocates gradients
+                model.zero_grad(set_to_none=False)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if cuda else 0
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    loss = model(ids, labels=ids).loss
+                    loss.backward()
+                    model.zero_grad(set_to_none=False)
+                if cuda:
+                    torch.cuda.synchronize()
+                step_s = (time.perf_counter() - start) / args.steps
+                row.update(ok=True, loss=float(loss), step_s=step_s, tokens_per_s=batch * args.seq / step_s,
+                           peak_gb=((torch.cuda.max_memory_allocated() - base) / 2**30) if cuda else None,
+                           total_peak_gb=(torch.cuda.max_memory_allocated() / 2**30) if cuda else None)
+            except torch.OutOfMemoryError:
+                row.update(ok=False)
+            finally:
+                ids = loss = None
+                model.zero_grad(set_to_none=False)
+                if cuda:
+                    torch.cuda.empty_cache()
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if not row["ok"]:
+                break
+            batch *= 2
+    return results
+
+
+def report(results: list[dict], args: argparse.Namespace) -> str:
+    from tabulate import tabulate
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    rows = [[METHOD_LABELS[r["method"]], r["batch"], r["tokens"], "OOM" if not r["ok"] else f"{r['peak_gb']:.1f}"
+             if r["peak_gb"] is not None else "-", f"{r['total_peak_gb']:.1f}" if r.get("total_peak_gb") else "-",
+             f"{r['tokens_per_s']:.0f}" if r["ok"] else "-"] for r in results]
+    best = {}
+    for r in results:
+        if r["ok"] and r["batch"] >= best.get(r["method"], {}).get("batch", 0):
+            best[r["method"]] = r
+    plain = best.get("plain")
+    summary = [[METHOD_LABELS[m], b["batch"], b["tokens"], f"{b['tokens_per_s']:.0f}",
+                f"{b['tokens'] / plain['tokens']:.1f}x" if plain else "-"] for m, b in best.items()]
+    return (f"# GPU: OLMoE-1B-7B-sized MoE, random weights, bf16 ({device})\n\n"
+            f"`python bench/gpu.py --out bench/results`; seq {args.seq}, batch doubled until OOM "
+            f"(max {args.max_batch}); peak = max_memory_allocated above weights + gradients.\n\n"
+            + tabulate(rows, headers=["method", "batch", "tokens", "step peak GB", "total peak GB", "tokens/s"],
+                       tablefmt="github")
+            + "\n\nLargest batch that fit, and its throughput:\n\n"
+            + tabulate(summary, headers=["method", "batch", "tokens/step", "tokens/s", "tokens/step vs plain"],
+                       tablefmt="github") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny config, for a dry run")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=360, help="time for all methods; each gets an equal share")
+    parser.add_argument("--methods", nargs="+", default=["plain", "checkpointing", "revcompile"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    results = run(args)
+    text = report(results, args)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "gpu_" + ("cpu_dry_run" if not args.device.startswith("cuda") else
+                                            torch.cuda.get_device_name().split()[-1].lower()))
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    main()

@@ -1,0 +1,79 @@
+"""Peak memory of one training step against depth: plain, HF activation checkpointing, torch selective
+checkpointing and revcompile, side by side in one run (each measurement a child process; see
+revcompile/measure.py for what is measured and how).
+
+    python bench/memory.py                      # CPU, depths 4 8 16 32 64 -> bench/results/memory_cpu.{md,json,png}
+    python bench/memory.py --device cuda        # on a GPU machine
+
+Config (issue 2): tiny Mixtral, hidden 128, 4 experts top-2, batch 4 x 512 tokens, sdpa attention, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from revcompile.measure import MEMORY_CONFIG, METHOD_LABELS, METHODS, measure_step  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
+    args = parser.parse_args()
+
+    results = []
+    for depth in tqdm(args.depths, desc="depths"):
+        for method in args.methods:
+            results.append(measure_step(method, depth, device=args.device, **MEMORY_CONFIG))
+    peak = {(r["method"], r["depth"]): r["peak_mb"] for r in results}
+    rows = [[d, *(peak[m, d] for m in args.methods)] for d in args.depths]
+    table = tabulate(rows, headers=["depth", *(f"{METHOD_LABELS[m]} MB" for m in args.methods)], tablefmt="github",
+                     floatfmt=".1f")
+    notes = []
+    if "revcompile" in args.methods:
+        lo, hi = min(args.depths), max(args.depths)
+        notes.append(f"revcompile depth {hi} / depth {lo}: {peak['revcompile', hi] / peak['revcompile', lo]:.2f}x")
+        if "checkpointing" in args.methods:
+            for d in args.depths:
+                notes.append(f"revcompile / HF checkpointing at depth {d}: "
+                             f"{peak['revcompile', d] / peak['checkpointing', d]:.2f}")
+    cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items())
+    text = (f"# Peak memory of one training step ({args.device})\n\n`python bench/memory.py --device {args.device}`;"
+            f" {cfg}, fp32. Peak above the pre-step level (weights and gradients excluded).\n\n{table}\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"memory_{args.device.split(':')[0]}")
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in args.methods:
+        ax.plot(args.depths, [peak[method, d] for d in args.depths], marker="o", label=METHOD_LABELS[method])
+    ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="step peak memory above weights+grads (MB)",
+           title=f"Training-step memory vs depth (tiny Mixtral, {args.device})")
+    ax.set_xticks(args.depths, [str(d) for d in args.depths])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
