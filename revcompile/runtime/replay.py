@@ -44,6 +44,21 @@ def _gather_selected(func, args: tuple, kwargs: dict, indices: torch.Tensor):
     return torch.return_types.max((values if keepdim else values.squeeze(dim), indices))
 
 
+def _compact(indices: torch.Tensor, bound: int) -> torch.Tensor:
+    """Indices (all < bound) in the narrowest integer type: 64 experts fit a byte, not 8. Kept per layer."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if bound - 1 <= torch.iinfo(dtype).max:
+            return indices.to(dtype)
+    return indices
+
+
+def _selection_size(func, args: tuple, kwargs: dict) -> int:
+    """How many candidates a selection chooses among (the size of the selected dimension)."""
+    tensor = _arg(args, kwargs, 0, "input", None)
+    dim = _arg(args, kwargs, 2, "dim", -1) if func in (torch.topk, torch.Tensor.topk) else _arg(args, kwargs, 1, "dim", 0)
+    return tensor.shape[dim]
+
+
 class RoutingRecorder(TorchFunctionMode):
     """Records the indices of every selection (top-k, max along a dim) run under it, in call order."""
 
@@ -54,7 +69,7 @@ class RoutingRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         if func in _SELECTIONS and isinstance(result, _SELECTION_RESULTS):
-            self.choices.append(result.indices.detach())
+            self.choices.append(_compact(result.indices.detach(), _selection_size(func, args, kwargs or {})))
         return result
 
 
@@ -76,7 +91,7 @@ class RoutingReplayer(TorchFunctionMode):
         if self._next >= len(self._choices) or self._choices[self._next].shape != result.indices.shape:
             raise RevcompileError("routing replay: the recompute made other selections than the forward; the "
                                   "branch is not deterministic on recompute")
-        indices = self._choices[self._next]
+        indices = self._choices[self._next].to(result.indices.dtype)
         self._next += 1
         return _gather_selected(func, args, kwargs, indices)
 
