@@ -16,6 +16,7 @@ import os
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,12 +35,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
+    parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
 
-    results = []
-    for depth in tqdm(args.depths, desc="depths"):
-        for method in args.methods:
-            results.append(measure_step(method, depth, device=args.device, **MEMORY_CONFIG))
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+    else:
+        results = [measure_step(method, depth, device=args.device, **MEMORY_CONFIG)
+                   for depth in tqdm(args.depths, desc="depths") for method in args.methods]
     peak = {(r["method"], r["depth"]): r["peak_mb"] for r in results}
     rows = [[d, *(peak[m, d] for m in args.methods)] for d in args.depths]
     table = tabulate(rows, headers=["depth", *(f"{METHOD_LABELS[m]} MB" for m in args.methods)], tablefmt="github",
@@ -68,6 +72,7 @@ def main() -> None:
     ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="step peak memory above weights+grads (MB)",
            title=f"Training-step memory vs depth (tiny Mixtral, {args.device})")
     ax.set_xticks(args.depths, [str(d) for d in args.depths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -122,6 +122,12 @@ class LayerRuntime:
             streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
             return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
 
+        if context.get("output_router_logits"):
+            # NOTE: Hugging Face collects router logits with forward hooks; under the Function's no-grad forward
+            # they would carry no gradient and the load-balancing loss would silently stop training the router.
+            raise RevcompileError("output_router_logits=True (the load-balancing aux loss) is not supported with "
+                                  "inversion yet; train with output_router_logits=False, or run the step under "
+                                  "revcompile.disable_inversion()")
         if any(_is_cache(v) for v in values):
             if not self._warned_cache:
                 warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
