@@ -38,7 +38,7 @@ def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, in
     scheme = get_scheme(scheme)
     plan = analyze(model, example_inputs)
     if not plan.pairs:
-        reasons = "; ".join(f"{s.layer}: {s.reason}" for s in plan.skipped[:3]) or "no layers found"
+        reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
         raise RevcompileError(f"{type(model).__name__} has no residual attention -> FFN/MoE pair to convert "
                               f"({reasons})")
     # a run is a maximal sequence of consecutive converted layers of one stack: it opens and merges the streams
@@ -47,7 +47,7 @@ def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, in
         for i, pair in enumerate(run):
             layer = pair.module
             layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
-                                             pair.structure.trace.context_names, is_first=i == 0,
+                                             pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer))
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))

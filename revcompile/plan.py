@@ -19,6 +19,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_layer
+from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_branches
 from .passes.extract import branch_graph_of
@@ -101,11 +102,12 @@ def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
 
 
 def structure_key(layer: nn.Module, call: LayerCall) -> tuple:
-    """Layers with equal keys trace to the same graph: class, children's classes, call names, scalar attributes."""
+    """Layers with equal keys trace to the same graph: class, children's classes, call signature, scalar attributes."""
     scalars = tuple(sorted((k, v) for k, v in vars(layer).items()
                            if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))))
     children = tuple((name, type(child)) for name, child in layer.named_children())
-    return type(layer), children, tuple(call.kwargs), len(call.args), scalars
+    _, _, context = bind_call(unwrapped_forward(layer), layer, call.args, call.kwargs)
+    return type(layer), children, call_signature(context), scalars
 
 
 def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
@@ -133,6 +135,9 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                     structures[key] = _analyze_layer(layer, call)
                 except RevcompileError as reason:
                     structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
+                except Exception as err:  # a layer the passes do not understand is reported, never half-converted
+                    first_line = (str(err).strip().splitlines() or [""])[0][:160]
+                    structures[key] = NotReversible(f"analysis failed ({type(err).__name__}: {first_line})")
             found = structures[key]
             if isinstance(found, NotReversible):
                 skipped.append(Skipped(names[layer], str(found)))

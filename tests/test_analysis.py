@@ -76,3 +76,18 @@ def test_converted_graph_differs_from_original():
     original = [n.op for n in pair.structure.trace.graph.nodes if n.op == "placeholder"]
     assert len([n for n in coupled.graph.nodes if n.op == "placeholder"]) == len(original) + 2  # q, p, h0
     assert coupled.code != str(pair.structure.trace.graph)
+
+
+def test_a_model_outside_the_list_converts_when_its_layers_fit():
+    """GPT-2's block (pre-norm, positional arguments, control flow on None arguments) needs nothing special."""
+    from conftest import loss_and_grads, rel_err
+    from revcompile.models import tiny_model
+
+    model = tiny_model("gpt2", dtype=torch.float64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    plan = revcompile.analyze(model)
+    assert [p.kinds for p in plan.pairs] == [("attention", "ffn")] * 2
+    revcompile.make_reversible(model).train()
+    ids = torch.randint(3, 100, (2, 8))
+    _, nodes, grads = loss_and_grads(model, ids, reference=False)
+    _, _, ref = loss_and_grads(model, ids, reference=True)
+    assert nodes == 2 and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-8

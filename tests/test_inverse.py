@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import revcompile
-from revcompile.capture.tracer import bind_call
+from revcompile.capture.tracer import dynamic_names
 from conftest import ALL_MODELS, make_model, rel_err
 
 
@@ -14,12 +14,13 @@ def test_generated_inverse_rebuilds_input(name):
     model.eval()
     for pair in model._revcompile_plan.pairs:
         runtime = pair.module._revcompile
-        _, hidden, context = bind_call(runtime.forward_fn, pair.module, pair.call.args, pair.call.kwargs)
-        _, coupled, inverse = runtime.generated()
+        hidden, context, signature = runtime.bind(pair.module, pair.call.args, pair.call.kwargs)
+        _, coupled, inverse = runtime.coupling(pair.module, pair.call.args, pair.call.kwargs, signature)
+        values = [context[name] for name in dynamic_names(signature)]
         streams = [hidden + 0.1 * torch.randn_like(hidden) for _ in runtime.scheme.streams]
         with torch.no_grad():
-            out = coupled(*streams, *context.values())
-            rebuilt = inverse(*out, *context.values())
+            out = coupled(*streams, *values)
+            rebuilt = inverse(*out, *values)
         assert max(rel_err(a, b) for a, b in zip(rebuilt, streams)) < 1e-10
         assert max(rel_err(a, b) for a, b in zip(out, streams)) > 1e-3  # the layer did change its input
 

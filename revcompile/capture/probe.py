@@ -78,7 +78,8 @@ def example_call(model: nn.Module, example_inputs: Any = None) -> tuple[tuple, d
 
 
 @contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """Temporarily put `model` in eval mode (dropout off), restoring each module's own mode afterwards."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -111,7 +112,7 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
             handles.append(child.register_forward_pre_hook(record_input, with_kwargs=True))
             handles.append(child.register_forward_hook(record_output, with_kwargs=True))
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             model(*example[0], **example[1])
     except Exception as err:
         raise RevcompileError(f"the probe run of {type(model).__name__} failed ({type(err).__name__}: {err}); pass "

@@ -4,7 +4,10 @@ transformers v5 has no fx tracer of its own, so this is ours. The layer's direct
 norms) are leaves: their insides never reach the graph, so whatever they do (flash kernels, data-dependent expert
 loops) cannot break the trace. Decorators around `forward` (deprecated-argument shims, Hugging Face's
 checkpointing wrapper) are unwrapped, `**kwargs` are expanded into one placeholder per name actually passed, and
-children that return tuples are unpacked by fx's proxies (`out, _ = self.mlp(x)`).
+children that return tuples are unpacked by fx's proxies (`out, _ = self.mlp(x)`). Arguments that are Python
+constants in the call (None, flags, numbers, strings) are baked into the graph, so the layer's own code may
+branch on them (`if encoder_hidden_states is not None`); the call signature (`call_signature`) records them, and a
+call with other constants gets a trace of its own.
 
 Example:
     >>> trace = trace_layer(model.model.layers[0], call)   # call: a recorded LayerCall
@@ -23,13 +26,30 @@ from torch import fx, nn
 from ..errors import RevcompileError
 
 
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def call_signature(context: dict[str, Any]) -> tuple:
+    """A hashable key of a call's context: its names, with the values of its constant arguments."""
+    return tuple((name, value if isinstance(value, _CONSTANT_TYPES) else ...) for name, value in context.items())
+
+
+def dynamic_names(signature: tuple) -> tuple[str, ...]:
+    """The context names of a signature that are graph inputs (not constants baked into the graph)."""
+    return tuple(name for name, value in signature if value is ...)
+
+
 @dataclass
 class LayerTrace:
-    """A layer's fx graph, with the names of its inputs: the hidden state first, then the context."""
+    """A layer's fx graph: inputs are the hidden state, then the dynamic context (`context_names`)."""
 
     graph: fx.Graph
     hidden_name: str
-    context_names: tuple[str, ...]
+    signature: tuple
+
+    @property
+    def context_names(self) -> tuple[str, ...]:
+        return dynamic_names(self.signature)
 
 
 def bind_call(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[str, Any, dict[str, Any]]:
@@ -64,20 +84,21 @@ def unwrapped_forward(layer: nn.Module) -> Callable:
 class _LayerTracer(fx.Tracer):
     """Traces `forward(layer, hidden, **context)` with the layer's children as leaves."""
 
-    def __init__(self, forward: Callable, hidden_name: str, context_names: tuple[str, ...]):
+    def __init__(self, forward: Callable, hidden_name: str, context: dict[str, Any]):
         super().__init__()
         self._forward = forward
-        self._names = (hidden_name, *context_names)
+        self._constants = {k: v for k, v in context.items() if isinstance(v, _CONSTANT_TYPES)}
+        self._names = (hidden_name, *(k for k in context if k not in self._constants))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return True  # only the root layer is traced through; its children are opaque calls
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         proxies = [self.create_proxy("placeholder", name, (), {}) for name in self._names]
-        forward, root, names = self._forward, self.root, self._names
+        forward, root, names, constants = self._forward, self.root, self._names, self._constants
 
         def traced(*_):
-            return forward(root, proxies[0], **dict(zip(names[1:], proxies[1:])))
+            return forward(root, proxies[0], **dict(zip(names[1:], proxies[1:])), **constants)
 
         return traced, []
 
@@ -90,10 +111,11 @@ def trace_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerTrace:
     """
     forward = unwrapped_forward(layer)
     hidden_name, _, context = bind_call(forward, layer, args, kwargs)
-    tracer = _LayerTracer(forward, hidden_name, tuple(context))
+    tracer = _LayerTracer(forward, hidden_name, context)
     try:
         graph = tracer.trace(layer)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... all mean "not traceable"
-        raise RevcompileError(f"{type(layer).__name__}.forward cannot be traced with torch.fx: "
-                              f"{type(err).__name__}: {err}") from err
-    return LayerTrace(graph, hidden_name, tuple(context))
+        first_line = (str(err).strip().splitlines() or [""])[0][:160]
+        raise RevcompileError(f"{type(layer).__name__}.forward cannot be traced with torch.fx "
+                              f"({type(err).__name__}: {first_line})") from err
+    return LayerTrace(graph, hidden_name, call_signature(context))

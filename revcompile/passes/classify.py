@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..capture.probe import LayerCall
+from ..capture.probe import LayerCall, eval_mode
 from ..capture.tracer import LayerTrace, bind_call, unwrapped_forward
 from ..runtime.replay import run_recorded
 from .residuals import Residual
@@ -42,8 +42,8 @@ def classify_branches(layer: nn.Module, trace: LayerTrace, chain: list[Residual]
     """The kind of each branch in `chain`, from the layer's recorded call (probe values, eval mode, no grad)."""
     _, hidden, context = bind_call(unwrapped_forward(layer), layer, call.args, call.kwargs)
     interpreter = fx.Interpreter(fx.GraphModule(layer, trace.graph), garbage_collect_values=False)
-    with torch.no_grad():
-        interpreter.run(hidden, *context.values())
+    with torch.no_grad(), eval_mode(layer):
+        context_values = [context[name] for name in trace.context_names]
+        interpreter.run(hidden, *context_values)
         values = {node.name: value for node, value in interpreter.env.items()}
-        context_values = list(context.values())
         return [_branch_kind(branch, values[r.stream.name], context_values) for r, branch in zip(chain, branches)]

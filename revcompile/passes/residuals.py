@@ -58,6 +58,11 @@ def hidden_flow(graph: fx.Graph, hidden: fx.Node) -> nx.DiGraph:
     return flow
 
 
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target!r}"
+
+
 def _dominates(idom: dict, a: fx.Node, b: fx.Node) -> bool:
     while b in idom and idom[b] is not b:
         b = idom[b]
@@ -97,7 +102,7 @@ def find_residual_chain(graph: fx.Graph, hidden_name: str) -> list[Residual]:
             if chain == [] and inner and node.op == "call_module":
                 raise NotReversible(f"post-norm: the layer ends in {node.target}(x + B(x)); a normalisation after "
                                     "the residual add cannot be undone by a coupling")
-            raise NotReversible(f"{node.format_node()} stands between residual adds; the residual stream must pass "
+            raise NotReversible(f"{_describe(node)} stands between residual adds; the residual stream must pass "
                                 "from one add to the next unchanged (pre-norm)")
         left, right = node.args
         for stream, branch in ((left, right), (right, left)):
@@ -110,6 +115,6 @@ def find_residual_chain(graph: fx.Graph, hidden_name: str) -> list[Residual]:
             if any(isinstance(a, fx.Node) and _is(a, _ADDS) for a in node.args):
                 raise NotReversible("parallel residual x + A(x) + M(x): both branches read the same input, so they "
                                     "do not form a sequential attention -> FFN pair")
-            raise NotReversible(f"{node.format_node()} adds two values neither of which dominates the other")
+            raise NotReversible(f"{_describe(node)} adds two values neither of which dominates the other")
     chain.reverse()
     return chain

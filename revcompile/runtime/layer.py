@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from ..capture.tracer import bind_call
+from ..capture.tracer import bind_call, call_signature, dynamic_names
 from ..coupling import Scheme
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
@@ -60,7 +60,7 @@ def _is_cache(value: Any) -> bool:
 class LayerRuntime:
     """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
 
-    def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], context_names: tuple,
+    def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
                  is_first: bool, is_last: bool, invert: bool, original_class: type):
         self.scheme = scheme
         self.is_first = is_first
@@ -69,21 +69,27 @@ class LayerRuntime:
         self.original_class = original_class
         self.forward_fn = inspect.unwrap(original_class.forward)
         self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
-        self._build(layer, branch_graphs, context_names)
+        self._build(layer, branch_graphs, signature)
         self._warned_cache = False
 
-    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], context_names: tuple[str, ...]):
+    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
         branches = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
                     for name, graph in zip(self.scheme.branches, branch_graphs)}
-        self._built[context_names] = (branches, coupling_module(self.scheme, branches, context_names),
-                                      coupling_module(self.scheme, branches, context_names, inverse=True))
+        names = dynamic_names(signature)
+        self._built[signature] = (branches, coupling_module(self.scheme, branches, names),
+                                  coupling_module(self.scheme, branches, names, inverse=True))
 
-    def coupling(self, layer: nn.Module, args: tuple, kwargs: dict, context_names: tuple[str, ...]):
+    def bind(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any], tuple]:
+        """(hidden state, context by name, call signature) of a call of the layer."""
+        _, hidden, context = bind_call(self.forward_fn, layer, args, kwargs)
+        return hidden, context, call_signature(context)
+
+    def coupling(self, layer: nn.Module, args: tuple, kwargs: dict, signature: tuple):
         """(branches, coupled forward, generated inverse) for calls with these context names.
 
-        A call signature the probe did not see (say, generate() passing other keywords) is traced again.
+        A call signature the probe did not see (say, generate() passing a cache) is traced again.
         """
-        if context_names not in self._built:
+        if signature not in self._built:
             from ..plan import layer_branches  # the passes, run again for a call signature the probe did not see
 
             original = layer.__class__
@@ -92,8 +98,8 @@ class LayerRuntime:
                 _, _, graphs = layer_branches(layer, args, kwargs)
             finally:
                 layer.__class__ = original
-            self._build(layer, graphs, context_names)
-        return self._built[context_names]
+            self._build(layer, graphs, signature)
+        return self._built[signature]
 
     def generated(self) -> tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]:
         """(branches, coupled forward, inverse) generated for the call signature seen when converting."""
@@ -110,10 +116,9 @@ class LayerRuntime:
         return dict(zip(self.scheme.streams, packed.unbind(0)))
 
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        _, hidden, context = bind_call(self.forward_fn, layer, args, kwargs)
-        names = tuple(context)
-        branches, coupled, _ = self.coupling(layer, args, kwargs, names)
-        values = list(context.values())
+        hidden, context, signature = self.bind(layer, args, kwargs)
+        branches, coupled, _ = self.coupling(layer, args, kwargs, signature)
+        values = [context[name] for name in dynamic_names(signature)]
         params = [p for p in layer.parameters() if p.requires_grad]
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
                       and (hidden.requires_grad or bool(params)))
