@@ -7,10 +7,12 @@ Example:
 """
 
 from .api import analyze, converted_layers, disable_inversion, make_reversible, undo
+from .check import CheckReport, check
 from .coupling import Scheme, Step
 from .errors import RevcompileError
 from .plan import Plan
 from .schemes import SCHEMES, get_scheme
 
-__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "Plan", "Scheme", "Step",
+__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "check", "CheckReport",
+           "Plan", "Scheme", "Step",
            "SCHEMES", "get_scheme", "RevcompileError"]

@@ -1,4 +1,4 @@
-"""Command line: `revcompile diff MODEL`, `revcompile demo`.
+"""Command line: `revcompile diff MODEL`, `revcompile check MODEL`, `revcompile demo`.
 
 MODEL is a transformers model_type (a tiny config is built, random weights, no download) or a local directory
 with a config.json. Errors are one line on stderr and exit status 2, never a traceback.
@@ -6,6 +6,7 @@ with a config.json. Errors are one line on stderr and exit status 2, never a tra
 Example:
     $ revcompile diff mixtral
     $ revcompile diff qwen2_moe --dot graphs/
+    $ revcompile check olmoe --dtype bfloat16 --layers 16
     $ revcompile demo
 """
 
@@ -83,6 +84,22 @@ def cmd_diff(args: argparse.Namespace) -> None:
         print(f"\nwrote .dot graphs to {args.dot}")
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    import torch
+
+    import revcompile
+    from revcompile.models import load_model
+
+    overrides = {"num_hidden_layers": args.layers} if args.layers and not os.path.isdir(args.model) else {}
+    model = load_model(args.model, **overrides).to(getattr(torch, args.dtype))
+    model.config.use_cache = False
+    revcompile.make_reversible(model, scheme=args.scheme)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    autocast = getattr(torch, args.autocast) if args.autocast else None
+    print(revcompile.check(model, ids.to(next(model.parameters()).device), autocast=autocast))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -99,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--scheme", default="symplectic", choices=sorted(SCHEMES))
     diff.add_argument("--dot", metavar="DIR", help="also write the graphs as Graphviz .dot files into DIR")
     diff.set_defaults(func=cmd_diff)
+    check = sub.add_parser("check", help="per-layer reconstruction and gradient error against the reference")
+    check.add_argument("model", help="a transformers model_type (tiny random config) or a local model directory")
+    check.add_argument("--scheme", default="symplectic", choices=sorted(SCHEMES))
+    check.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16"])
+    check.add_argument("--autocast", choices=["bfloat16", "float16"], help="run the step under torch.autocast")
+    check.add_argument("--layers", type=int, default=8, help="layers of the tiny config (default 8)")
+    check.add_argument("--batch", type=int, default=2)
+    check.add_argument("--seq", type=int, default=64)
+    check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="convert a tiny Mixtral, train it, compare memory with the baselines")
     demo.add_argument("--depth", type=int, default=8, help="number of layers (default 8)")
     demo.add_argument("--steps", type=int, default=8, help="training steps (default 8)")

@@ -20,13 +20,13 @@ layer, and each branch runs forward once more in backward (one extra forward in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..errors import RevcompileError
-from .replay import Replay, run_recorded, run_replayed
+from .replay import AutocastState, Replay, run_recorded, run_replayed
 
 if TYPE_CHECKING:
     from .layer import LayerRuntime
@@ -67,6 +67,8 @@ class CouplingCall:
     in_slot: Slot | None
     out_slot: Slot | None
     training: bool
+    autocast: AutocastState
+    observe: Callable[[torch.Tensor], None] | None = None  # check(): called with the rebuilt input in backward
     replays: list[Replay] | None = None
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
@@ -125,7 +127,7 @@ class ReversibleCoupling(torch.autograd.Function):
 
         for step, replay in zip(reversed(scheme.steps), reversed(call.replays)):
             read = streams[step.reads].detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), call.autocast.restored():
                 out = run_replayed(call.branches[step.branch], (read, *context), replay)
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
             g_read, *g_wrt = torch.autograd.grad(out, [read, *wrt], g_out, allow_unused=True)
@@ -137,6 +139,8 @@ class ReversibleCoupling(torch.autograd.Function):
             accumulated = [a if g is None else g if a is None else a + g for a, g in zip(accumulated, g_wrt)]
             del out, read, g_read, g_wrt
         call.replays = None
+        if call.observe is not None:
+            call.observe(scheme.unopen(streams) if rt.is_first else rt.pack(streams))
 
         if rt.is_first:
             grad_x = scheme.open_grad(grads)

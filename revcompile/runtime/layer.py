@@ -18,7 +18,7 @@ import inspect
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
@@ -29,6 +29,7 @@ from ..coupling import Scheme
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
+from .replay import AutocastState
 
 _state = threading.local()
 
@@ -51,6 +52,20 @@ def disable_inversion():
 
 def inversion_disabled() -> bool:
     return getattr(_state, "disabled", False)
+
+
+@contextmanager
+def observe_reconstruction(observer: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]):
+    """Inside this block every reversible layer reports (layer, its true input, the input backward rebuilt).
+
+    Used by `revcompile.check`; it keeps a copy of every layer's input, so it is for diagnosis, not training.
+    """
+    previous = getattr(_state, "observer", None)
+    _state.observer = observer
+    try:
+        yield
+    finally:
+        _state.observer = previous
 
 
 def _is_cache(value: Any) -> bool:
@@ -143,7 +158,12 @@ class LayerRuntime:
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
         call = CouplingCall(self, branches, [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
-                            spec, params, in_slot, None if self.is_last else Slot(), layer.training)
+                            spec, params, in_slot, None if self.is_last else Slot(), layer.training,
+                            AutocastState.capture(hidden.device))
+        observer = getattr(_state, "observer", None)
+        if observer is not None:
+            true_input = hidden.detach().clone()
+            call.observe = lambda rebuilt: observer(layer, true_input, rebuilt)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
         if in_slot is not None:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)

@@ -9,6 +9,8 @@ uses) is recorded (the indices: tokens x k integers) and replayed in backward: t
 the recorded indices, so gradients flow through the same router weights the forward used. Classification also
 uses the recorder: a branch whose forward makes a selection is a router feeding experts, i.e. MoE.
 
+Autocast: the recompute runs under the autocast state of the forward (`AutocastState`), not the backward's.
+
 Example:
     >>> out, replay = run_recorded(branch, (x,), rng=True)
     >>> again = run_replayed(branch, (x,), replay)        # same dropout mask, same experts
@@ -116,6 +118,24 @@ class RngState:
             if self.device is not None:
                 torch.cuda.set_rng_state(self.device_state, self.device)
             yield
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """The autocast state a forward ran under, to recompute under the same one."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "AutocastState":
+        return cls(device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+
+    def restored(self):
+        # NOTE: cache_enabled=False: the autocast weight cache would hand the recompute the casts made in
+        # forward under no_grad, which carry no gradient to the weights.
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=False)
 
 
 @dataclass

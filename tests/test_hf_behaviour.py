@@ -1,0 +1,169 @@
+"""A converted model still behaves as a Hugging Face model: routing and RNG replay, masks, experts kernels,
+generation with a KV cache, save/load round trips, Trainer, mixed precision, and check()."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import revcompile
+from conftest import loss_and_grads, make_model, rel_err, token_batch
+
+
+def assert_matches_reference(model, tolerance, **forward_kwargs):
+    ids = forward_kwargs.pop("ids", None)
+    ids = token_batch(model, batch=2, seq=16) if ids is None else ids
+    model.train()
+    torch.manual_seed(7)
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    torch.manual_seed(7)
+    ref_loss, _, ref = loss_and_grads(model, ids, reference=True)
+    assert nodes > 0
+    assert rel_err(loss, ref_loss) < tolerance
+    worst = max(ref, key=lambda n: rel_err(grads[n], ref[n]))
+    assert rel_err(grads[worst], ref[worst]) < tolerance, worst
+
+
+def test_near_tied_routers_replay_the_forward_choice():
+    model = make_model("mixtral", torch.float32, layers=4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            weight = layer.mlp.gate.weight
+            weight[1] = weight[0] + 1e-6 * torch.randn_like(weight[0])
+    revcompile.make_reversible(model)
+    assert_matches_reference(model, 1e-4)
+
+
+def test_router_jitter_and_attention_dropout_are_replayed():
+    model = make_model("mixtral", torch.float64, router_jitter_noise=0.2, attention_dropout=0.2)
+    revcompile.make_reversible(model)
+    assert_matches_reference(model, 1e-8)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_masks(side):
+    # float32: in float64 transformers' own eager attention turns fully padded rows into NaN (unconverted too)
+    model = revcompile.make_reversible(make_model("qwen3_moe", torch.float32))
+    ids = token_batch(model, batch=2, seq=12)
+    mask = torch.ones_like(ids)
+    if side == "left":
+        mask[0, :5] = 0
+    else:
+        mask[0, -5:] = 0
+
+    def loss_with_mask(reference):
+        model.zero_grad(set_to_none=True)
+        with revcompile.disable_inversion() if reference else torch.enable_grad():
+            loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    loss, grads = loss_with_mask(False)
+    ref_loss, ref = loss_with_mask(True)
+    assert torch.isfinite(loss) and rel_err(loss, ref_loss) < 1e-4
+    assert max(rel_err(grads[n], ref[n]) for n in ref) < 1e-4
+
+
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm", "batched_mm"])
+def test_every_cpu_experts_implementation(experts):
+    model = make_model("olmoe", torch.float32, experts_implementation=experts)
+    assert model.config._experts_implementation == experts
+    revcompile.make_reversible(model)
+    assert_matches_reference(model, 1e-4)
+
+
+def test_generate_with_kv_cache_matches_full_recompute():
+    model = revcompile.make_reversible(make_model("mixtral", torch.float64)).eval()
+    prompt = token_batch(model, batch=2, seq=6)
+    cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (2, 12)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = make_model("qwen2_moe")
+    revcompile.make_reversible(model).eval()
+    ids = token_batch(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager",
+                                         experts_implementation="eager")
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    revcompile.make_reversible(loaded).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_undo_restores_state_dict_and_logits_exactly():
+    model = make_model("glm4_moe").eval()
+    ids = token_batch(model)
+    keys, before = list(model.state_dict()), model(ids).logits.detach()
+    revcompile.make_reversible(model)
+    revcompile.undo(model)
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(ids).logits.detach(), before)
+
+
+def test_trainer_trains_a_converted_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from revcompile.data import byte_batches, stdlib_text
+
+    model = make_model("mixtral", torch.float32, vocab_size=256)
+    model.config.use_cache = False
+    revcompile.make_reversible(model)
+    rows = torch.cat(byte_batches(stdlib_text(["textwrap"]), batch=8, seq=64, count=4))
+    dataset = [{"input_ids": r, "labels": r} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=8,
+                             learning_rate=3e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+
+
+def test_bf16_weights_and_autocast_train_and_check_reports_the_error():
+    model = revcompile.make_reversible(make_model("mixtral", torch.bfloat16, layers=4))
+    ids = token_batch(model, seq=16)
+    report = revcompile.check(model, ids)
+    assert len(report.layers) == 4 and all(0 < r.input_error < 0.1 for r in report.layers)
+    assert all(r.grad_cosine > 0.9 for r in report.layers)
+    fp32 = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=4))
+    autocast = revcompile.check(fp32, ids, autocast=torch.bfloat16)
+    assert autocast.worst_grad_error < 0.05 and autocast.worst_input_error < report.worst_input_error
+    assert "rebuilt input rel. error" in str(report)
+
+
+class NoisyFFN(nn.Module):
+    """An FFN that draws noise from its own generator: not replayable, so recompute differs."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype) if self.training else 0
+        return self.fc(x) * (1 + noise)
+
+
+def test_check_warns_about_a_branch_that_is_not_deterministic_on_recompute():
+    from plain_models import PlainLM
+
+    model = PlainLM(depth=2).double()
+    for block in model.blocks:
+        block.ff = NoisyFFN(32).double()
+    revcompile.make_reversible(model)
+    ids = torch.randint(0, 64, (2, 8))
+
+    def loss_fn(m, batch):
+        logits = m(batch)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.flatten())
+
+    with pytest.warns(UserWarning, match="differ from the reference"):
+        revcompile.check(model, ids, loss_fn=loss_fn)
