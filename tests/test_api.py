@@ -98,13 +98,3 @@ def test_backward_twice_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RevcompileError, match="retain_graph"):
         loss.backward()
-
-
-def test_router_logits_with_inversion_is_an_error_not_a_silent_loss():
-    model = revcompile.make_reversible(make_model("mixtral"))
-    model.train()
-    ids = token_batch(model)
-    with pytest.raises(RevcompileError, match="output_router_logits"):
-        model(ids, labels=ids, output_router_logits=True)
-    with revcompile.disable_inversion():
-        assert model(ids, labels=ids, output_router_logits=True).aux_loss is not None

@@ -35,6 +35,36 @@ def test_near_tied_routers_replay_the_forward_choice():
     assert_matches_reference(model, 1e-4)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
+def test_aux_loss_router_logits_carry_gradient_and_count_once(name):
+    model = revcompile.make_reversible(make_model(name, torch.float64, router_aux_loss_coef=0.5))
+    model.train()
+    ids = token_batch(model, batch=2, seq=16)
+
+    def step(reference):
+        model.zero_grad(set_to_none=True)
+        with revcompile.disable_inversion() if reference else torch.enable_grad():
+            out = model(ids, labels=ids, output_router_logits=True)
+            out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    out, grads = step(False)
+    ref, ref_grads = step(True)
+    assert len(out.router_logits) == len(ref.router_logits) == 3  # once per layer, never again in the recompute
+    assert all(r.grad_fn is not None for r in out.router_logits)
+    assert rel_err(out.aux_loss, ref.aux_loss) < 1e-8 and rel_err(out.loss, ref.loss) < 1e-8
+    routers = [n for n in ref_grads if "gate" in n and "proj" not in n and "expert" not in n]
+    assert routers and max(rel_err(grads[n], ref_grads[n]) for n in routers) < 1e-8
+    assert max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) < 1e-8
+
+
+def test_output_hidden_states_is_a_clear_error():
+    model = revcompile.make_reversible(make_model("mixtral")).eval()
+    with pytest.raises(revcompile.RevcompileError, match="output_hidden_states"):
+        model(token_batch(model), output_hidden_states=True)
+
+
 def test_router_jitter_and_attention_dropout_are_replayed():
     model = make_model("mixtral", torch.float64, router_jitter_noise=0.2, attention_dropout=0.2)
     revcompile.make_reversible(model)

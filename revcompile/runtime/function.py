@@ -19,6 +19,7 @@ layer, and each branch runs forward once more in backward (one extra forward in 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -26,6 +27,7 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..errors import RevcompileError
+from .hf_outputs import ROUTER_LOGITS, private_collector
 from .replay import AutocastState, Replay, run_recorded, run_replayed
 
 if TYPE_CHECKING:
@@ -69,6 +71,8 @@ class CouplingCall:
     training: bool
     autocast: AutocastState
     observe: Callable[[torch.Tensor], None] | None = None  # check(): called with the rebuilt input in backward
+    router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
+    router_counts: list[int] | None = None  # how many router logits each step's branch added to it
     replays: list[Replay] | None = None
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
@@ -85,23 +89,31 @@ class ReversibleCoupling(torch.autograd.Function):
         n_context = len(tensors) - len(call.params)
         context = call.context(tensors[:n_context])
         streams = rt.scheme.open_streams(x) if rt.is_first else rt.unpack(x)
-        call.replays = []
+        call.replays, call.router_counts, router_logits = [], [], []
         for step in rt.scheme.steps:
+            before = len(call.router_logits) if call.router_logits is not None else 0
             out, replay = run_recorded(call.branches[step.branch], (streams[step.reads], *context), rng=call.training)
             streams[step.target] = step.apply(streams, out)
             call.replays.append(replay)
+            if call.router_logits is not None:
+                router_logits.extend(call.router_logits[before:])
+                call.router_counts.append(len(call.router_logits) - before)
         ctx.call = call
         ctx.n_context = n_context
         packed = rt.pack(streams)
         if rt.is_last:
             ctx.save_for_backward(packed, *tensors[:n_context])
-            return rt.scheme.merge_streams(streams)
-        ctx.save_for_backward(*tensors[:n_context])
-        call.out_slot.tensor = packed.detach()
-        return packed
+            output = rt.scheme.merge_streams(streams)
+        else:
+            ctx.save_for_backward(*tensors[:n_context])
+            call.out_slot.tensor = packed.detach()
+            output = packed
+        # returning the recorded router logits makes these very tensors (held by Hugging Face's list) outputs of
+        # this Function: the load-balancing loss's gradient reaches backward through them
+        return (output, *router_logits) if router_logits else output
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, *grad_router_logits: torch.Tensor):
         call: CouplingCall = ctx.call
         if call.replays is None:
             raise RevcompileError("backward ran twice through a reversible layer; retain_graph=True is not supported")
@@ -125,19 +137,27 @@ class ReversibleCoupling(torch.autograd.Function):
         wrt = [t for t in context_inputs if t.requires_grad] + call.params
         accumulated: list[torch.Tensor | None] = [None] * len(wrt)
 
-        for step, replay in zip(reversed(scheme.steps), reversed(call.replays)):
+        router_ends = list(itertools.accumulate(call.router_counts or [0] * len(scheme.steps)))
+        for k in reversed(range(len(scheme.steps))):
+            step, replay = scheme.steps[k], call.replays[k]
             read = streams[step.reads].detach().requires_grad_(True)
-            with torch.enable_grad(), call.autocast.restored():
+            with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
                 out = run_replayed(call.branches[step.branch], (read, *context), replay)
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
-            g_read, *g_wrt = torch.autograd.grad(out, [read, *wrt], g_out, allow_unused=True)
+            outputs, grad_outputs = [out], [g_out]
+            if grad_router_logits and call.router_counts[k]:
+                if len(recorded[ROUTER_LOGITS]) != call.router_counts[k]:
+                    raise RevcompileError("the recompute recorded other router logits than the forward")
+                outputs += recorded[ROUTER_LOGITS]
+                grad_outputs += grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]]
+            g_read, *g_wrt = torch.autograd.grad(outputs, [read, *wrt], grad_outputs, allow_unused=True)
             # after the grad: `read` is a view of the same buffer, and autograd checks its version
             streams[step.target].copy_(step.undo(streams, out.detach()))
             grads = step.transpose(grads)
             if g_read is not None:
                 grads[step.reads] = grads[step.reads] + g_read
             accumulated = [a if g is None else g if a is None else a + g for a, g in zip(accumulated, g_wrt)]
-            del out, read, g_read, g_wrt
+            del out, outputs, read, g_read, g_wrt
         call.replays = None
         if call.observe is not None:
             call.observe(scheme.unopen(streams) if rt.is_first else rt.pack(streams))

@@ -29,6 +29,7 @@ from ..coupling import Scheme
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
+from .hf_outputs import ROUTER_LOGITS, active_collector
 from .replay import AutocastState
 
 _state = threading.local()
@@ -135,6 +136,11 @@ class LayerRuntime:
         branches, coupled, _ = self.coupling(layer, args, kwargs, signature)
         values = [context[name] for name in dynamic_names(signature)]
         params = [p for p in layer.parameters() if p.requires_grad]
+        collector = active_collector()
+        if collector is not None and "hidden_states" in collector and not self.is_last:
+            raise RevcompileError("output_hidden_states=True is not available on a converted model: converted layers "
+                                  "pass packed reversible streams to each other, not hidden states; call "
+                                  "revcompile.undo(model) to inspect hidden states")
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
@@ -142,12 +148,6 @@ class LayerRuntime:
             streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
             return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
 
-        if context.get("output_router_logits"):
-            # NOTE: Hugging Face collects router logits with forward hooks; under the Function's no-grad forward
-            # they would carry no gradient and the load-balancing loss would silently stop training the router.
-            raise RevcompileError("output_router_logits=True (the load-balancing aux loss) is not supported with "
-                                  "inversion yet; train with output_router_logits=False, or run the step under "
-                                  "revcompile.disable_inversion()")
         if any(_is_cache(v) for v in values):
             if not self._warned_cache:
                 warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
@@ -159,12 +159,15 @@ class LayerRuntime:
         in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
         call = CouplingCall(self, branches, [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
                             spec, params, in_slot, None if self.is_last else Slot(), layer.training,
-                            AutocastState.capture(hidden.device))
+                            AutocastState.capture(hidden.device),
+                            router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None)
         observer = getattr(_state, "observer", None)
         if observer is not None:
             true_input = hidden.detach().clone()
             call.observe = lambda rebuilt: observer(layer, true_input, rebuilt)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
+        if isinstance(out, tuple):  # (output, router logits given a gradient path): see hf_outputs.py
+            out = out[0]
         if in_slot is not None:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
         if call.out_slot is not None:
