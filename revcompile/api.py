@@ -23,19 +23,23 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 
 def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, invert: bool = True,
-                    example_inputs: Any = None) -> nn.Module:
+                    example_inputs: Any = None, recompute_chunks: int = 4) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.schemes.SCHEMES`) or a Scheme.
     invert:          False keeps the coupled computation but trains it with ordinary autograd (stores activations).
     example_inputs:  one forward call's input (a tensor, a tuple of arguments or a dict of keywords), used to
                      find the layers; by default a few random tokens for the model's embedding.
+    recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
+                     sequence at a time, dividing its working set (1: in one piece).
 
     Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
     as they are and listed in `plan.skipped`. Raises RevcompileError (the model unchanged) for a non-Module, a
     second conversion, an unknown scheme, or a model with no residual pair.
     """
     scheme = get_scheme(scheme)
+    if not isinstance(recompute_chunks, int) or recompute_chunks < 1:
+        raise RevcompileError(f"recompute_chunks must be a positive integer, got {recompute_chunks!r}")
     plan = analyze(model, example_inputs)
     if not plan.pairs:
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
@@ -48,7 +52,9 @@ def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, in
             layer = pair.module
             layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
                                              pair.structure.trace.signature, is_first=i == 0,
-                                             is_last=i == len(run) - 1, invert=invert, original_class=type(layer))
+                                             is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
+                                             chunks={name: recompute_chunks for name, splits in
+                                                     zip(scheme.branches, pair.structure.splits_by_token) if splits})
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     model._revcompile_plan = plan

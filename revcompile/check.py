@@ -105,7 +105,15 @@ def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torc
         model.zero_grad(set_to_none=True)
         cast = torch.autocast(device.type, dtype=autocast) if autocast else nullcontext()
         with (disable_inversion() if reference else observe_reconstruction(record)), cast:
-            loss = loss_fn(model, batch)
+            try:
+                loss = loss_fn(model, batch)
+            except RevcompileError:
+                raise
+            except Exception as err:
+                first_line = (str(err).strip().splitlines() or [""])[0][:160]
+                raise RevcompileError(f"check(): the model could not run this batch ({type(err).__name__}: "
+                                      f"{first_line}); pass token ids of shape (batch, seq), a dict of the model's "
+                                      "keyword arguments, or loss_fn=(model, batch) -> loss") from err
         try:
             with disable_inversion() if reference else observe_reconstruction(record):
                 loss.backward()

@@ -91,6 +91,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     from revcompile.models import load_model
 
     overrides = {"num_hidden_layers": args.layers} if args.layers and not os.path.isdir(args.model) else {}
+    torch.manual_seed(0)
     model = load_model(args.model, **overrides).to(getattr(torch, args.dtype))
     model.config.use_cache = False
     revcompile.make_reversible(model, scheme=args.scheme)

@@ -1,4 +1,5 @@
-"""Real text without a download: the Python standard library's own sources, as bytes (a 256-token vocabulary).
+"""Real text without a download: the Python standard library's own sources and `pydoc_data`'s help topics, as
+bytes (a 256-token vocabulary).
 
 Example:
     >>> batches = byte_batches(stdlib_text(["json", "textwrap"]), batch=4, seq=128, count=10)
@@ -30,6 +31,13 @@ def stdlib_text(modules: list[str]) -> bytes:
             with open(file, "rb") as f:
                 chunks.append(f.read())
     return b"\n".join(chunks)
+
+
+def pydoc_text() -> bytes:
+    """English prose that every Python ships: the help topics of `pydoc_data` (about 0.5 MB)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)).encode()
 
 
 def byte_batches(text: bytes, batch: int, seq: int, count: int, seed: int = 0) -> list[torch.Tensor]:

@@ -76,7 +76,8 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _rss_bytes(field: str) -> int:
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: "VmRSS" (now) or "VmHWM" (peak since reset)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -84,7 +85,8 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux)."""
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
 
@@ -120,8 +122,8 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         import gc
 
         gc.collect()
-        before = _rss_bytes("VmRSS")
-        _reset_peak_rss()
+        before = rss_bytes("VmRSS")
+        reset_peak_rss()
     times = []
     loss = None
     for i in range(steps):
@@ -131,7 +133,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         if i == 0:
-            peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before
+            peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
         model.zero_grad(set_to_none=False)
     return {"method": method, "depth": depth, "batch": batch, "seq": seq, "device": device, "dtype": dtype,
             "peak_mb": peak / 2**20, "step_s": statistics.median(times), "loss": loss}

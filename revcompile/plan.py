@@ -34,6 +34,7 @@ class LayerStructure:
     chain: list[Residual]
     branch_graphs: list[fx.Graph]
     kinds: list[str] = field(default_factory=list)
+    splits_by_token: list[bool] = field(default_factory=list)  # may backward recompute it a slice at a time?
 
     def branch_modules(self, i: int) -> tuple[str, ...]:
         return tuple(n.target for n in self.branch_graphs[i].nodes if n.op == "call_module")
@@ -95,10 +96,10 @@ def layer_branches(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[LayerTr
 
 def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
     trace, chain, graphs = layer_branches(layer, call.args, call.kwargs)
-    kinds = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
+    kinds, splits = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
     if kinds[0] != ATTENTION or kinds[1] not in (FFN, MOE):
         raise NotReversible(f"branches are {kinds[0]} then {kinds[1]}; a pair is attention then FFN/MoE")
-    return LayerStructure(trace, chain, graphs, kinds)
+    return LayerStructure(trace, chain, graphs, kinds, splits)
 
 
 def structure_key(layer: nn.Module, call: LayerCall) -> tuple:

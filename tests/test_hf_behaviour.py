@@ -197,3 +197,11 @@ def test_check_warns_about_a_branch_that_is_not_deterministic_on_recompute():
 
     with pytest.warns(UserWarning, match="differ from the reference"):
         revcompile.check(model, ids, loss_fn=loss_fn)
+
+
+def test_check_rejects_a_batch_the_model_cannot_take():
+    model = revcompile.make_reversible(make_model("mixtral"))
+    with pytest.raises(revcompile.RevcompileError, match="could not run this batch"):
+        revcompile.check(model, torch.zeros(2, 8))  # float ids
+    with pytest.raises(revcompile.RevcompileError, match="converted by revcompile"):
+        revcompile.check(make_model("mixtral"), token_batch(model))

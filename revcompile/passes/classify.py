@@ -5,9 +5,12 @@
 - FFN:       neither.
 Class names are never read, so a plain PyTorch model with its own names is classified the same way.
 
+`splits_by_token` checks, on the same values, that an FFN/MoE branch computed two halves of the sequence at a
+time (routing replayed per half) gives its output: only then may backward recompute it in slices.
+
 Example:
     >>> classify_branches(layer, trace, chain, branches, call)
-    ['attention', 'moe']
+    (['attention', 'moe'], [False, True])
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import fx, nn
 
 from ..capture.probe import LayerCall, eval_mode
 from ..capture.tracer import LayerTrace, bind_call, unwrapped_forward
-from ..runtime.replay import run_recorded
+from ..runtime.replay import run_recorded, run_replayed, token_chunks
 from .residuals import Residual
 
 ATTENTION, FFN, MOE = "attention", "ffn", "moe"
@@ -37,13 +40,32 @@ def _branch_kind(branch: fx.GraphModule, x: torch.Tensor, context: list) -> str:
     return MOE if replay.routing else FFN
 
 
+def splits_by_token(branch: fx.GraphModule, x: torch.Tensor, context: list) -> bool:
+    """Does the branch give the same output when run on slices of the sequence with its routing replayed?"""
+    out, replay = run_recorded(branch, (x, *context), rng=False)
+    parts = token_chunks(x, replay, 2)
+    if parts is None:
+        return False
+    try:
+        pieces = [run_replayed(branch, (x[..., positions, :], *context), part) for positions, part in parts]
+    except Exception:  # a branch that cannot run on a slice (it reads position-shaped context) is not split
+        return False
+    joined = torch.cat(pieces, dim=-2)
+    return joined.shape == out.shape and bool((joined - out).norm() <= 1e-5 * out.norm())
+
+
 def classify_branches(layer: nn.Module, trace: LayerTrace, chain: list[Residual],
-                      branches: list[fx.GraphModule], call: LayerCall) -> list[str]:
-    """The kind of each branch in `chain`, from the layer's recorded call (probe values, eval mode, no grad)."""
+                      branches: list[fx.GraphModule], call: LayerCall) -> tuple[list[str], list[bool]]:
+    """(kind of each branch in `chain`, whether it splits by token), from the layer's recorded call (probe values,
+    eval mode, no grad)."""
     _, hidden, context = bind_call(unwrapped_forward(layer), layer, call.args, call.kwargs)
     interpreter = fx.Interpreter(fx.GraphModule(layer, trace.graph), garbage_collect_values=False)
     with torch.no_grad(), eval_mode(layer):
         context_values = [context[name] for name in trace.context_names]
         interpreter.run(hidden, *context_values)
         values = {node.name: value for node, value in interpreter.env.items()}
-        return [_branch_kind(branch, values[r.stream.name], context_values) for r, branch in zip(chain, branches)]
+        inputs = [values[r.stream.name] for r in chain]
+        kinds = [_branch_kind(branch, x, context_values) for branch, x in zip(branches, inputs)]
+        splits = [kind != ATTENTION and splits_by_token(branch, x, context_values)
+                  for kind, branch, x in zip(kinds, branches, inputs)]
+        return kinds, splits

@@ -15,12 +15,17 @@ NOTE: why step by step. Backward walks the scheme's steps in reverse; for each s
 branch with grad on the (already exact) stream it reads, uses that output both to undo the step and to
 backpropagate, then drops the branch's graph before the next step. So the working set is one branch, not one
 layer, and each branch runs forward once more in backward (one extra forward in all, like checkpointing).
+
+NOTE: why chunks. An FFN or MoE branch acts on each token alone (the analysis checked it), so its recompute can
+run a slice of the sequence at a time, with the recorded routing sliced to match: its working set (every expert's
+activations, the largest thing a MoE layer makes) is divided by the number of slices. Not done for a branch that
+drew random numbers in forward (its noise was drawn for the whole tensor at once).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -28,7 +33,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..errors import RevcompileError
 from .hf_outputs import ROUTER_LOGITS, private_collector
-from .replay import AutocastState, Replay, run_recorded, run_replayed
+from .replay import AutocastState, Replay, run_recorded, run_replayed, token_chunks
 
 if TYPE_CHECKING:
     from .layer import LayerRuntime
@@ -73,11 +78,36 @@ class CouplingCall:
     observe: Callable[[torch.Tensor], None] | None = None  # check(): called with the rebuilt input in backward
     router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
+    chunks: dict[str, int] = field(default_factory=dict)  # branch -> pieces its recompute is split into
     replays: list[Replay] | None = None
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
         it = iter(tensors)
         return tree_unflatten([next(it) if leaf is TENSOR_LEAF else leaf for leaf in self.context_leaves], self.context_spec)
+
+
+def _add(total: list, more: list) -> list:
+    """Sum two lists of optional gradients elementwise (None is zero)."""
+    return [a if b is None else b if a is None else a + b for a, b in zip(total, more)]
+
+
+def _branch_vjp(call: CouplingCall, step, replay: Replay, read: torch.Tensor, context: list, wrt: list,
+                g_out: torch.Tensor, router_grads: tuple = ()):
+    """Recompute one branch with grad on `read` and backpropagate `g_out` (and the router logits' gradients).
+
+    Returns (branch output, gradient of read, gradients of `wrt`); the branch's graph is gone on return.
+    """
+    read = read.detach().requires_grad_(True)
+    with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
+        out = run_replayed(call.branches[step.branch], (read, *context), replay)
+    outputs, grad_outputs = [out], [g_out]
+    if router_grads:
+        if len(recorded[ROUTER_LOGITS]) != len(router_grads):
+            raise RevcompileError("the recompute recorded other router logits than the forward")
+        outputs += recorded[ROUTER_LOGITS]
+        grad_outputs += router_grads
+    g_read, *g_wrt = torch.autograd.grad(outputs, [read, *wrt], grad_outputs, allow_unused=True)
+    return out.detach(), g_read, g_wrt
 
 
 class ReversibleCoupling(torch.autograd.Function):
@@ -140,24 +170,29 @@ class ReversibleCoupling(torch.autograd.Function):
         router_ends = list(itertools.accumulate(call.router_counts or [0] * len(scheme.steps)))
         for k in reversed(range(len(scheme.steps))):
             step, replay = scheme.steps[k], call.replays[k]
-            read = streams[step.reads].detach().requires_grad_(True)
-            with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
-                out = run_replayed(call.branches[step.branch], (read, *context), replay)
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
-            outputs, grad_outputs = [out], [g_out]
-            if grad_router_logits and call.router_counts[k]:
-                if len(recorded[ROUTER_LOGITS]) != call.router_counts[k]:
-                    raise RevcompileError("the recompute recorded other router logits than the forward")
-                outputs += recorded[ROUTER_LOGITS]
-                grad_outputs += grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]]
-            g_read, *g_wrt = torch.autograd.grad(outputs, [read, *wrt], grad_outputs, allow_unused=True)
-            # after the grad: `read` is a view of the same buffer, and autograd checks its version
-            streams[step.target].copy_(step.undo(streams, out.detach()))
+            router_grads = grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]] \
+                if grad_router_logits and call.router_counts[k] else ()
+            read = streams[step.reads]
+            chunks = token_chunks(read, replay, call.chunks.get(step.branch, 1)) if not router_grads else None
+            if chunks is None:
+                out, g_read, g_wrt = _branch_vjp(call, step, replay, read, context, wrt, g_out, router_grads)
+            else:  # a token-wise branch, recomputed a slice of the sequence at a time: its working set shrinks
+                out, g_read, g_wrt = torch.empty_like(g_out), torch.zeros_like(read), [None] * len(wrt)
+                for positions, part in chunks:
+                    o, g, w = _branch_vjp(call, step, part, read[..., positions, :], context, wrt,
+                                          g_out[..., positions, :])
+                    out[..., positions, :] = o
+                    if g is not None:
+                        g_read[..., positions, :] = g
+                    g_wrt = _add(g_wrt, w)
+            # only now (all grads taken): `read` is a view of the same buffer, and autograd checks its version
+            streams[step.target].copy_(step.undo(streams, out))
             grads = step.transpose(grads)
             if g_read is not None:
                 grads[step.reads] = grads[step.reads] + g_read
-            accumulated = [a if g is None else g if a is None else a + g for a, g in zip(accumulated, g_wrt)]
-            del out, outputs, read, g_read, g_wrt
+            accumulated = _add(accumulated, g_wrt)
+            del out, read, g_read, g_wrt
         call.replays = None
         if call.observe is not None:
             call.observe(scheme.unopen(streams) if rt.is_first else rt.pack(streams))

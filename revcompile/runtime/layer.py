@@ -77,8 +77,9 @@ class LayerRuntime:
     """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
 
     def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
-                 is_first: bool, is_last: bool, invert: bool, original_class: type):
+                 is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int]):
         self.scheme = scheme
+        self.chunks = chunks  # branch -> pieces of the sequence its backward recompute is split into
         self.is_first = is_first
         self.is_last = is_last
         self.invert = invert
@@ -160,7 +161,8 @@ class LayerRuntime:
         call = CouplingCall(self, branches, [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
                             spec, params, in_slot, None if self.is_last else Slot(), layer.training,
                             AutocastState.capture(hidden.device),
-                            router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None)
+                            router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
+                            chunks=self.chunks)
         observer = getattr(_state, "observer", None)
         if observer is not None:
             true_input = hidden.detach().clone()

@@ -110,6 +110,10 @@ class RngState:
             return cls(torch.get_rng_state(), device, torch.cuda.get_rng_state(device))
         return cls(torch.get_rng_state())
 
+    def same_as(self, other: "RngState") -> bool:
+        return torch.equal(self.cpu, other.cpu) and (self.device_state is None or
+                                                     torch.equal(self.device_state, other.device_state))
+
     @contextmanager
     def restored(self):
         devices = [self.device] if self.device is not None else []
@@ -144,6 +148,21 @@ class Replay:
 
     rng: RngState | None = None
     routing: list[torch.Tensor] = field(default_factory=list)
+    rng_used: bool = False  # the call drew random numbers (dropout, jitter): its recompute cannot be split
+
+    def token_chunk(self, batch: int, tokens: int, start: int, stop: int) -> "Replay | None":
+        """This replay for positions start:stop of every sequence, or None when a recorded selection is not laid
+        out by token ((batch, tokens, k), or (batch * tokens, k) rows in batch-major order)."""
+        routing = []
+        for indices in self.routing:
+            if indices.shape[:2] == (batch, tokens):
+                routing.append(indices[:, start:stop])
+            elif indices.shape[0] == batch * tokens:
+                rows = torch.arange(batch)[:, None] * tokens + torch.arange(start, stop)
+                routing.append(indices[rows.flatten().to(indices.device)])
+            else:
+                return None
+        return Replay(self.rng, routing, self.rng_used)
 
 
 def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]:
@@ -153,6 +172,8 @@ def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]
     with recorder:
         out = branch(*args)
     replay.routing = recorder.choices
+    if rng:
+        replay.rng_used = not replay.rng.same_as(RngState.capture(args[0].device))
     return out, replay
 
 
@@ -160,3 +181,18 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
     """Call `branch(*args)` with the RNG state and expert choices of the recorded call."""
     with (replay.rng.restored() if replay.rng else nullcontext()), RoutingReplayer(replay.routing):
         return branch(*args)
+
+
+def token_chunks(read: torch.Tensor, replay: Replay, chunks: int) -> list[tuple[slice, Replay]] | None:
+    """(positions, replay) per slice of the sequence when a branch may be recomputed in `chunks` pieces."""
+    if chunks <= 1 or replay.rng_used or read.dim() < 3 or read.shape[-2] < 2:
+        return None
+    batch, tokens = read.shape[:-2].numel(), read.shape[-2]
+    parts = []
+    for positions in torch.arange(tokens).tensor_split(min(chunks, tokens)):
+        start, stop = int(positions[0]), int(positions[-1]) + 1
+        part = replay.token_chunk(batch, tokens, start, stop)
+        if part is None:
+            return None
+        parts.append((slice(start, stop), part))
+    return parts
