@@ -36,6 +36,15 @@ _state = threading.local()
 
 
 @contextmanager
+def _thread_setting(name: str, value: Any):
+    previous = getattr(_state, name, None)
+    setattr(_state, name, value)
+    try:
+        yield
+    finally:
+        setattr(_state, name, previous)
+
+
 def disable_inversion():
     """Inside this block converted models run the same coupled computation with ordinary autograd.
 
@@ -43,30 +52,19 @@ def disable_inversion():
         >>> with revcompile.disable_inversion():
         ...     model(ids, labels=ids).loss.backward()   # stores activations: the gradient reference
     """
-    previous = getattr(_state, "disabled", False)
-    _state.disabled = True
-    try:
-        yield
-    finally:
-        _state.disabled = previous
+    return _thread_setting("disabled", True)
 
 
 def inversion_disabled() -> bool:
-    return getattr(_state, "disabled", False)
+    return bool(getattr(_state, "disabled", False))
 
 
-@contextmanager
 def observe_reconstruction(observer: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]):
     """Inside this block every reversible layer reports (layer, its true input, the input backward rebuilt).
 
     Used by `revcompile.check`; it keeps a copy of every layer's input, so it is for diagnosis, not training.
     """
-    previous = getattr(_state, "observer", None)
-    _state.observer = observer
-    try:
-        yield
-    finally:
-        _state.observer = previous
+    return _thread_setting("observer", observer)
 
 
 def _is_cache(value: Any) -> bool:
