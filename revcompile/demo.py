@@ -30,7 +30,7 @@ def train_losses(model: torch.nn.Module, batches: list[torch.Tensor], reference:
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

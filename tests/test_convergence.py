@@ -1,8 +1,6 @@
 """Convergence (Liger-Kernel style): 20 AdamW steps on real text with inversion track the same coupled model
 trained with ordinary autograd, step by step, to fp32 round-off."""
 
-import copy
-
 import pytest
 import torch
 
@@ -16,8 +14,6 @@ from revcompile.models import tiny_model
 STEPS = 20
 LOSS_TOLERANCE = 1e-5  # relative, every step
 PARAM_TOLERANCE = 1e-4  # relative (norm of difference / norm of reference), worst parameter
-
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 
 
 def converted_model() -> torch.nn.Module:
