@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         deadline = time.time() + args.budget_s / len(args.methods)
         set_method(model, method, args.device)
-        batch = 1
-        while batch <= args.max_batch and time.time() < deadline:
+        batches = iter(args.batches) if args.batches else None
+        batch = next(batches) if batches else 1
+        while batch is not None and batch <= args.max_batch and time.time() < deadline:
             ids = torch.randint(0, config.vocab_size, (batch, args.seq), device=args.device)
             row = dict(method=method, batch=batch, seq=args.seq, tokens=batch * args.seq, params_b=params / 1e9)
             try:
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(json.dumps(row), flush=True)
             if not row["ok"]:
                 break
-            batch *= 2
+            batch = next(batches, None) if batches else 2 * batch
     return results
 
 
@@ -110,8 +111,9 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     summary = [[METHOD_LABELS[m], b["batch"], b["tokens"], f"{b['tokens_per_s']:.0f}",
                 f"{b['tokens'] / plain['tokens']:.1f}x" if plain else "-"] for m, b in best.items()]
     return (f"# GPU: OLMoE-1B-7B-sized MoE, random weights, bf16 ({device})\n\n"
-            f"`python bench/gpu.py --out bench/results`; seq {args.seq}, batch doubled until OOM "
-            f"(max {args.max_batch}); peak = max_memory_allocated above weights + gradients.\n\n"
+            f"`python bench/gpu.py {' '.join(sys.argv[1:])}`; seq {args.seq}, "
+            + (f"batches {args.batches}" if args.batches else f"batch doubled until OOM (max {args.max_batch})")
+            + "; peak = max_memory_allocated above weights + gradients.\n\n"
             + tabulate(rows, headers=["method", "batch", "tokens", "step peak GB", "total peak GB", "tokens/s"],
                        tablefmt="github")
             + "\n\nLargest batch that fit, and its throughput:\n\n"
@@ -125,16 +127,18 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny config, for a dry run")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", help="these batch sizes instead of doubling from 1")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=360, help="time for all methods; each gets an equal share")
     parser.add_argument("--methods", nargs="+", default=["plain", "checkpointing", "revcompile"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--suffix", default="", help="appended to the result files' names")
     args = parser.parse_args()
     results = run(args)
     text = report(results, args)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "gpu_" + ("cpu_dry_run" if not args.device.startswith("cuda") else
-                                            torch.cuda.get_device_name().split()[-1].lower()))
+                                            torch.cuda.get_device_name().split()[-1].lower()) + args.suffix)
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     with open(stem + ".md", "w") as f:

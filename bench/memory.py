@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import matplotlib
@@ -36,14 +37,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
+    parser.add_argument("--repeats", type=int, default=3, help="children per point; the median peak is reported")
     args = parser.parse_args()
 
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
     else:
-        results = [measure_step(method, depth, device=args.device, **MEMORY_CONFIG)
-                   for depth in tqdm(args.depths, desc="depths") for method in args.methods]
+        results = []
+        for depth in tqdm(args.depths, desc="depths"):
+            for method in args.methods:
+                # NOTE: RSS moves by about +-1 MB from run to run (allocator, interpreter); the median of a few
+                # children keeps that noise out of the ratios
+                runs = [measure_step(method, depth, device=args.device, **MEMORY_CONFIG) for _ in range(args.repeats)]
+                median = statistics.median(r["peak_mb"] for r in runs)
+                results.append(dict(runs[0], peak_mb=median, peak_mb_runs=[r["peak_mb"] for r in runs]))
     peak = {(r["method"], r["depth"]): r["peak_mb"] for r in results}
     rows = [[d, *(peak[m, d] for m in args.methods)] for d in args.depths]
     table = tabulate(rows, headers=["depth", *(f"{METHOD_LABELS[m]} MB" for m in args.methods)], tablefmt="github",
@@ -58,7 +66,8 @@ def main() -> None:
                              f"{peak['revcompile', d] / peak['checkpointing', d]:.2f}")
     cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items())
     text = (f"# Peak memory of one training step ({args.device})\n\n`python bench/memory.py --device {args.device}`;"
-            f" {cfg}, fp32. Peak above the pre-step level (weights and gradients excluded).\n\n{table}\n\n"
+            f" {cfg}, fp32. Peak above the pre-step level (weights and gradients excluded), median of "
+            f"{args.repeats} child processes per point.\n\n{table}\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"memory_{args.device.split(':')[0]}")

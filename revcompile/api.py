@@ -15,7 +15,7 @@ from torch import nn
 
 from .coupling import Scheme
 from .errors import RevcompileError
-from .plan import Plan, analyze
+from .plan import analyze
 from .runtime.layer import LayerRuntime, disable_inversion, reversible_class
 from .schemes import get_scheme
 

@@ -115,7 +115,8 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     """Find the residual attention -> FFN/MoE pairs of `model` without changing it.
 
     example_inputs: one forward call's input (a tensor, a tuple of arguments or a dict of keywords); by default a
-    few random tokens for the model's embedding. Raises RevcompileError when the model is not an nn.Module or has no layer stack.
+    few random tokens for the model's embedding. Raises RevcompileError when the model is not an nn.Module or has
+    no layer stack.
     """
     if not isinstance(model, nn.Module):
         raise RevcompileError(f"expected a torch.nn.Module, got {type(model).__name__}")

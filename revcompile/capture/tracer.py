@@ -20,7 +20,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import fx, nn
 
 from ..errors import RevcompileError

@@ -83,7 +83,8 @@ class CouplingCall:
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
         it = iter(tensors)
-        return tree_unflatten([next(it) if leaf is TENSOR_LEAF else leaf for leaf in self.context_leaves], self.context_spec)
+        leaves = [next(it) if leaf is TENSOR_LEAF else leaf for leaf in self.context_leaves]
+        return tree_unflatten(leaves, self.context_spec)
 
 
 def _add(total: list, more: list) -> list:

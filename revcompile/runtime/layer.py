@@ -150,15 +150,16 @@ class LayerRuntime:
         if any(_is_cache(v) for v in values):
             if not self._warned_cache:
                 warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
-                              "backward recompute would update it twice). Pass use_cache=False when training.")
+                              "backward recompute would update it twice). Pass use_cache=False when training.",
+                              stacklevel=3)
                 self._warned_cache = True
             values = [None if _is_cache(v) else v for v in values]
         leaves, spec = tree_flatten(values)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
-        call = CouplingCall(self, branches, [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
-                            spec, params, in_slot, None if self.is_last else Slot(), layer.training,
-                            AutocastState.capture(hidden.device),
+        template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
+                            layer.training, AutocastState.capture(hidden.device),
                             router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
                             chunks=self.chunks)
         observer = getattr(_state, "observer", None)

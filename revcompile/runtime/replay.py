@@ -57,7 +57,8 @@ def _compact(indices: torch.Tensor, bound: int) -> torch.Tensor:
 def _selection_size(func, args: tuple, kwargs: dict) -> int:
     """How many candidates a selection chooses among (the size of the selected dimension)."""
     tensor = _arg(args, kwargs, 0, "input", None)
-    dim = _arg(args, kwargs, 2, "dim", -1) if func in (torch.topk, torch.Tensor.topk) else _arg(args, kwargs, 1, "dim", 0)
+    is_topk = func in (torch.topk, torch.Tensor.topk)
+    dim = _arg(args, kwargs, 2, "dim", -1) if is_topk else _arg(args, kwargs, 1, "dim", 0)
     return tensor.shape[dim]
 
 
@@ -174,6 +175,8 @@ def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]
     replay.routing = recorder.choices
     if rng:
         replay.rng_used = not replay.rng.same_as(RngState.capture(args[0].device))
+        if not replay.rng_used:
+            replay.rng = None  # nothing to replay: do not keep ~5 KB per call until backward
     return out, replay
 
 
