@@ -8,8 +8,10 @@ help topics that ship with Python (`pydoc_data`), with the same seed, batches an
 - plain training,
 - Hugging Face activation checkpointing,
 - revcompile (default scheme, converted from the pretrained model).
-The table reports held-out loss before and after, its ratio to plain training, the run's peak RSS above the
-level before it (in this process: weights, gradients and optimizer state included) and the time.
+Each method runs in a child process of its own (glibc's mmap threshold fixed, as in revcompile/measure.py), so
+its peak RSS above the level before training (gradients, optimizer state and activations: everything training
+adds to the loaded model) is its own. The table reports held-out loss before and after, its ratio to plain
+training, that peak and the time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -37,6 +40,7 @@ from revcompile.data import byte_batches, pydoc_text  # noqa: E402
 from revcompile.measure import METHOD_LABELS, prepare, reset_peak_rss, rss_bytes  # noqa: E402
 
 RESULTS = os.path.join(HERE, "..", "bench", "results")
+METHODS = ("plain", "checkpointing", "revcompile")
 
 
 def held_out_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
@@ -57,7 +61,7 @@ def finetune(pretrained: torch.nn.Module, method: str, train: list[torch.Tensor]
     base = rss_bytes("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()
-    for ids in tqdm(train, desc=METHOD_LABELS[method]):
+    for ids in tqdm(train, desc=METHOD_LABELS[method], mininterval=5):
         loss = model(ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -77,14 +81,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
     args = parser.parse_args()
 
-    text = pydoc_text()
-    split = int(len(text) * 0.9)
-    train = byte_batches(text[:split], args.batch, args.seq, args.steps, seed=1)
-    held_out = byte_batches(text[split:], 8, args.seq, 8, seed=2)
-    pretrained = load_pretrained()
-    runs = [finetune(pretrained, m, train, held_out, args.lr) for m in ("plain", "checkpointing", "revcompile")]
+    if args.only:
+        text = pydoc_text()
+        split = int(len(text) * 0.9)
+        train = byte_batches(text[:split], args.batch, args.seq, args.steps, seed=1)
+        held_out = byte_batches(text[split:], 8, args.seq, 8, seed=2)
+        print(json.dumps(finetune(load_pretrained(), args.only, train, held_out, args.lr)))
+        return
+    load_pretrained()  # pretrain once, here, if the cache is empty
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    runs = []
+    for method in METHODS:
+        child = subprocess.run([sys.executable, __file__, "--only", method, *sys.argv[1:]], env=env, check=True,
+                               stdout=subprocess.PIPE, text=True)
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
 
     plain = runs[0]["held_out_after"]
     rows = [[METHOD_LABELS[r["method"]], r["held_out_before"], r["held_out_after"], r["held_out_after"] / plain,
