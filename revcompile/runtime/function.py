@@ -130,7 +130,6 @@ class ReversibleCoupling(torch.autograd.Function):
                 router_logits.extend(call.router_logits[before:])
                 call.router_counts.append(len(call.router_logits) - before)
         ctx.call = call
-        ctx.n_context = n_context
         packed = rt.pack(streams)
         if rt.is_last:
             ctx.save_for_backward(packed, *tensors[:n_context])
