@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -25,21 +24,11 @@ import revcompile  # noqa: E402
 from revcompile.coupling import Scheme  # noqa: E402
 from revcompile.data import VOCAB, byte_batches, stdlib_text  # noqa: E402
 from revcompile.models import tiny_model  # noqa: E402
-from revcompile.schemes.symplectic import SYMPLECTIC  # noqa: E402
 
+SYMPLECTIC = revcompile.get_scheme("symplectic")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 AVERAGE_MERGE = Scheme(name="symplectic_average", streams=("q", "p"), open={"q": 1.0, "p": 1.0},
                        steps=SYMPLECTIC.steps, merge={"q": 0.5, "p": 0.5})
-
-
-def kl(original: torch.nn.Module, converted: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for ids in batches:
-            p = F.log_softmax(original(ids).logits, -1)
-            q = F.log_softmax(converted(ids).logits, -1)
-            total += float(F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean())
-    return total / len(batches)
 
 
 def trained(depth: int, steps: int) -> torch.nn.Module:
@@ -66,7 +55,7 @@ def main() -> None:
             figures = {}
             for scheme in (SYMPLECTIC, AVERAGE_MERGE):
                 converted = revcompile.make_reversible(copy.deepcopy(original), scheme=scheme).eval()
-                figures[scheme.name] = kl(original, converted, held_out)
+                figures[scheme.name] = revcompile.kl_divergence(original, converted, held_out)
             results.append(dict(depth=depth, train_steps=steps, held_out_loss=loss, **figures))
             rows.append([depth, steps, loss, figures[SYMPLECTIC.name], figures[AVERAGE_MERGE.name]])
     table = tabulate(rows, headers=["depth", "training steps", "held-out loss (nats)",

@@ -6,13 +6,14 @@ Example:
     >>> model(ids, labels=ids).loss.backward()     # backward rebuilds each layer's input from its output
 """
 
-from .api import analyze, converted_layers, disable_inversion, make_reversible, undo
+from .api import analyze, converted_layers, disable_inversion, inversion_report, make_reversible, undo
 from .check import CheckReport, check
 from .coupling import Scheme, Step
+from .distill import distill, kl_divergence
 from .errors import RevcompileError
 from .plan import Plan
 from .schemes import SCHEMES, get_scheme
 
-__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "check", "CheckReport",
-           "Plan", "Scheme", "Step",
-           "SCHEMES", "get_scheme", "RevcompileError"]
+__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report",
+           "check", "CheckReport", "Plan", "Scheme", "Step", "SCHEMES", "get_scheme", "distill", "kl_divergence",
+           "RevcompileError"]

@@ -11,22 +11,26 @@ from __future__ import annotations
 from itertools import groupby
 from typing import Any
 
+from tabulate import tabulate
 from torch import nn
 
+from .capture.tracer import bind_call, unwrapped_forward
 from .coupling import Scheme
 from .errors import RevcompileError
-from .plan import analyze
-from .runtime.layer import LayerRuntime, disable_inversion, reversible_class
-from .schemes import get_scheme
+from .plan import Pair, analyze
+from .runtime.layer import NEW_MODULES, PAIR_ROLES, LayerRuntime, disable_inversion, reversible_class
+from .schemes import SchemeConfig, get_scheme
 
-__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers"]
+__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report"]
 
 
-def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, invert: bool = True,
-                    example_inputs: Any = None, recompute_chunks: int = 4) -> nn.Module:
+def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
+                    example_inputs: Any = None, recompute_chunks: int = 4, **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
-    scheme:          a coupling scheme name (see `revcompile.schemes.SCHEMES`) or a Scheme.
+    scheme:          a coupling scheme name (see `revcompile.SCHEMES` and the README's guide), its config
+                     (`revcompile.schemes.MEFT1Config(lam=0.05)`) or a Scheme.
+    **options:       the scheme's options by name, e.g. `make_reversible(model, "meft1", lam=0.05, rank=16)`.
     invert:          False keeps the coupled computation but trains it with ordinary autograd (stores activations).
     example_inputs:  one forward call's input (a tensor, a tuple of arguments or a dict of keywords), used to
                      find the layers; by default a few random tokens for the model's embedding.
@@ -34,10 +38,12 @@ def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, in
                      sequence at a time, dividing its working set (1: in one piece).
 
     Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
-    as they are and listed in `plan.skipped`. Raises RevcompileError (the model unchanged) for a non-Module, a
-    second conversion, an unknown scheme, or a model with no residual pair.
+    as they are and listed in `plan.skipped`. Schemes with adapters or projections (meft*, revffn) add them to
+    each converted layer as `layer.revcompile_modules`, on the layer's dtype and device. Raises RevcompileError
+    (the model unchanged) for a non-Module, a second conversion, an unknown scheme or option, an invalid option
+    value, or a model with no residual pair.
     """
-    scheme = get_scheme(scheme)
+    scheme = get_scheme(scheme, **options)
     if not isinstance(recompute_chunks, int) or recompute_chunks < 1:
         raise RevcompileError(f"recompute_chunks must be a positive integer, got {recompute_chunks!r}")
     plan = analyze(model, example_inputs)
@@ -45,20 +51,32 @@ def make_reversible(model: nn.Module, scheme: str | Scheme = "symplectic", *, in
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
         raise RevcompileError(f"{type(model).__name__} has no residual attention -> FFN/MoE pair to convert "
                               f"({reasons})")
+    if scheme.new_modules is not None:
+        added = [_new_modules(pair, scheme) for pair in plan.pairs]  # all built (and validated) before any is set
+        for pair, modules in zip(plan.pairs, added):
+            pair.module.add_module(NEW_MODULES, modules)
     # a run is a maximal sequence of consecutive converted layers of one stack: it opens and merges the streams
     for _, run in groupby(enumerate(plan.pairs), key=lambda ip: (ip[1].stack, ip[1].index - ip[0])):
         run = [pair for _, pair in run]
         for i, pair in enumerate(run):
             layer = pair.module
+            token_wise = {role for role, splits in zip(PAIR_ROLES, pair.structure.splits_by_token) if splits}
             layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
                                              pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
-                                             chunks={name: recompute_chunks for name, splits in
-                                                     zip(scheme.branches, pair.structure.splits_by_token) if splits})
+                                             chunks={name: recompute_chunks for name, roles in
+                                                     scheme.branch_roles.items() if roles and
+                                                     set(roles) <= token_wise})
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     model._revcompile_plan = plan
     return model
+
+
+def _new_modules(pair: Pair, scheme: Scheme) -> nn.ModuleDict:
+    """The modules the scheme adds to this pair's layer, sized for its hidden state, on its dtype and device."""
+    _, hidden, _ = bind_call(unwrapped_forward(pair.module), pair.module, pair.call.args, pair.call.kwargs)
+    return nn.ModuleDict(scheme.new_modules(hidden.shape[-1])).to(dtype=hidden.dtype, device=hidden.device)
 
 
 def converted_layers(model: nn.Module) -> list[nn.Module]:
@@ -67,12 +85,36 @@ def converted_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def undo(model: nn.Module) -> nn.Module:
-    """Restore the original layers of a converted model (in place; returns it). The parameters are untouched."""
+    """Restore the original layers of a converted model (in place; returns it).
+
+    The original parameters are untouched; modules a scheme added (MEFT's adapters, RevFFN's projections) are
+    removed with their weights, since the original architecture has no place for them.
+    """
     layers = converted_layers(model)
     if not layers:
         raise RevcompileError("this model was not converted by revcompile.make_reversible; nothing to undo")
     for layer in layers:
         layer.__class__ = layer._revcompile.original_class
         del layer._revcompile
+        if hasattr(layer, NEW_MODULES):  # adapters and projections a scheme added: the original has no place for them
+            delattr(layer, NEW_MODULES)
     del model._revcompile_plan
     return model
+
+
+def inversion_report(model: nn.Module) -> str:
+    """Per converted layer, how its implicit steps (fixed_point, revffn) fared in the forwards so far: how many
+    were inverted by fixed-point iteration and how many kept their input instead (the hybrid fallback).
+
+    Example:
+        >>> print(revcompile.inversion_report(model))
+    """
+    layers = [layer for layer in converted_layers(model) if layer._revcompile.scheme.implicit]
+    if not layers:
+        raise RevcompileError("inversion_report() needs a model converted with a scheme that has implicit steps "
+                              "(fixed_point, revffn)")
+    names = {m: n for n, m in model.named_modules()}
+    rows = [[names[layer], s.solved, s.stored, s.max_iterations, s.converged_fraction]
+            for layer in layers for s in [layer._revcompile.inversions]]
+    return tabulate(rows, headers=["layer", "inverted", "kept input", "max iterations", "converged fraction"],
+                    floatfmt=".3g")

@@ -2,8 +2,12 @@
 
 A step updates one stream of the state from the others::
 
-    x[t] <- a * x[t] + sum_s c_s * x[s] + b * Branch(x[u])      a != 0, s, u != t
-    undo:  x[t] <- (x[t] - sum_s c_s * x[s] - b * Branch(x[u])) / a
+    x[t] <- a * x[t] + sum_s c_s * x[s] + b * Branch(x[u], ...)      a != 0, s != t
+    undo:  x[t] <- (x[t] - sum_s c_s * x[s] - b * Branch(x[u], ...)) / a
+
+When the branch reads only other streams (u != t) the step is *explicit* and `undo` is exact. When it reads its own
+target the step is *implicit*: `undo` needs the branch output at the old value, which is what we are looking for,
+so the old value is the fixed point of `x <- undo(x, Branch(x))` (`fixed_point`), found to a tolerance.
 
 `Step.apply` and `Step.undo` are plain arithmetic, so the same code runs on tensors (the runtime) and on
 torch.fx proxies (the generated forward and inverse graphs in `passes/rewrite.py`): there is one source of
@@ -19,29 +23,41 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import torch
 
 from .errors import RevcompileError
 
 
 @dataclass(frozen=True)
 class Step:
-    """`x[target] <- scale * x[target] + sum(c * x[s] for s, c in mix) + branch_scale * branch(x[reads])`."""
+    """`x[target] <- scale * x[target] + sum(c * x[s] for s, c in mix) + branch_scale * branch(*x[reads])`.
+
+    reads: the stream (or streams, passed to the branch in order) the branch reads; reading `target` makes the
+    step implicit.
+    """
 
     target: str
-    reads: str
+    reads: str | tuple[str, ...]
     branch: str
     scale: float = 1.0
     mix: tuple[tuple[str, float], ...] = ()
     branch_scale: float = 1.0
 
     def __post_init__(self):
+        if isinstance(self.reads, str):
+            object.__setattr__(self, "reads", (self.reads,))
         if self.scale == 0:
             raise RevcompileError(f"step on {self.target!r}: scale must be non-zero, or the step cannot be undone")
-        sources = {self.reads, *(s for s, _ in self.mix)}
-        if self.target in sources:
-            raise RevcompileError(f"step on {self.target!r} reads its own target; an explicit step must read other "
-                                  "streams only")
+        if self.target in {s for s, _ in self.mix}:
+            raise RevcompileError(f"step on {self.target!r}: mix must name other streams (scale is the target's "
+                                  "own coefficient)")
+
+    @property
+    def implicit(self) -> bool:
+        """The branch reads the step's own target: undo is a fixed-point problem, not a formula."""
+        return self.target in self.reads
 
     def apply(self, x: Mapping[str, Any], branch_out: Any) -> Any:
         """The new value of x[target], given the branch output on x[reads]."""
@@ -51,7 +67,7 @@ class Step:
         return new + (branch_out if self.branch_scale == 1 else self.branch_scale * branch_out)
 
     def undo(self, x: Mapping[str, Any], branch_out: Any) -> Any:
-        """The old value of x[target], given the updated state and the same branch output."""
+        """The old value of x[target], given the updated state and the branch output on the *old* reads."""
         old = x[self.target] - (branch_out if self.branch_scale == 1 else self.branch_scale * branch_out)
         for source, coeff in self.mix:
             old = old - coeff * x[source]
@@ -71,39 +87,111 @@ class Step:
 
 
 @dataclass(frozen=True)
+class FixedPointResult:
+    value: torch.Tensor
+    iterations: int
+    converged: bool
+
+
+def tolerance_bound(output: torch.Tensor, tol: float | None) -> float:
+    """The absolute step size at which a fixed-point inversion of `output` stops: tol times (1 + its largest
+    magnitude); tol None is ten units in the last place of its dtype."""
+    tol = tol if tol is not None else 10 * torch.finfo(output.dtype).eps
+    return tol * (1 + float(output.abs().max()))
+
+
+def fixed_point(step: Step, after: Mapping[str, torch.Tensor], branch: Callable[[Mapping[str, torch.Tensor]], Any],
+                tol: float | None, max_iters: int) -> FixedPointResult:
+    """x[target] before an implicit step, given the state `after` it: iterate `x <- undo(after, branch(x))`.
+
+    branch(state) evaluates the step's branch on a state. Converged when an iteration moves the value by at most
+    `tolerance_bound(output, tol)`; the iteration is a contraction, and so converges,
+    when the branch's Lipschitz constant in its own target is below |scale / branch_scale|.
+
+    Example:
+        >>> step = Step("x", "x", "f")
+        >>> fixed_point(step, {"x": torch.tensor(1.5)}, lambda s: 0.5 * s["x"], 1e-12, 100).value   # x + x/2 = 1.5
+        tensor(1.)
+    """
+    bound = tolerance_bound(after[step.target], tol)
+    guess = after[step.target]
+    for iteration in range(1, max_iters + 1):
+        new = step.undo(after, branch({**after, step.target: guess}))
+        moved = float((new - guess).abs().max())
+        guess = new
+        if moved <= bound:
+            return FixedPointResult(guess, iteration, True)
+    return FixedPointResult(guess, max_iters, False)
+
+
+@dataclass(frozen=True)
 class Scheme:
     """A reversible coupling of a layer's residual branches, as data.
 
-    streams: names of the state's streams (all of the hidden width).
-    open:    how the first converted layer of a run makes the streams from the hidden state h: stream -> coefficient.
-    steps:   the coupling steps, in forward order; branch names are the pair's roles, "attn" and "mlp".
-    merge:   how the last converted layer of a run folds the streams back into h: stream -> coefficient.
+    streams:      names of the state's streams, in the order they are packed between layers.
+    open:         how the first converted layer of a run makes the streams from the hidden state h:
+                  stream -> coefficient (each stream a multiple of h), or None to split h's features into
+                  equal slices, one per stream (and to concatenate them again at the merge).
+    steps:        the coupling steps, in forward order.
+    merge:        how the last converted layer of a run folds the streams back into h: stream -> coefficient
+                  (None with a split open).
+    output_order: a permutation applied after the steps: the next layer's stream streams[i] is this layer's
+                  output_order[i] (MEFT's [y2, y1], the midpoint's (prev, cur) -> (cur, next)).
+    branches:     the branch names the steps use; "attn" and "mlp" are the pair's own branches, others are built
+                  by `compose` from them (and from the modules `new_modules` adds to the layer).
+    branch_roles: which of the pair's branches each branch runs ("attn", "mlp"): a branch made only of token-wise
+                  ones is recomputed a slice of the sequence at a time.
+    tol, max_iters: the fixed-point inversion of implicit steps (tol None: ten units in the last place).
     """
 
     name: str
     streams: tuple[str, ...]
-    open: Mapping[str, float]
+    open: Mapping[str, float] | None
     steps: tuple[Step, ...]
-    merge: Mapping[str, float]
+    merge: Mapping[str, float] | None
     description: str = ""
-    branches: tuple[str, ...] = field(default=("attn", "mlp"))
+    output_order: tuple[str, ...] | None = None
+    branches: tuple[str, ...] = ("attn", "mlp")
+    branch_roles: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"attn": ("attn",), "mlp": ("mlp",)})
+    compose: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]] | None = None
+    new_modules: Callable[[int], dict[str, Any]] | None = None
+    tol: float | None = None
+    max_iters: int = 50
 
     def __post_init__(self):
         names = set(self.streams)
-        if set(self.open) != names:
-            raise RevcompileError(f"scheme {self.name!r}: open must give every stream a coefficient")
-        if not any(self.open.values()):
-            raise RevcompileError(f"scheme {self.name!r}: open must keep h in at least one stream")
+        if self.open is None:
+            if self.merge is not None:
+                raise RevcompileError(f"scheme {self.name!r}: a split open concatenates at the merge; merge must "
+                                      "be None")
+        else:
+            if set(self.open) != names or not any(self.open.values()):
+                raise RevcompileError(f"scheme {self.name!r}: open must give every stream a coefficient and keep h "
+                                      "in at least one")
+            if not set(self.merge or ()) <= names or not self.merge:
+                raise RevcompileError(f"scheme {self.name!r}: merge must fold known streams into h")
+        if self.output_order is not None and sorted(self.output_order) != sorted(self.streams):
+            raise RevcompileError(f"scheme {self.name!r}: output_order must be a permutation of the streams")
         for step in self.steps:
-            used = {step.target, step.reads, *(s for s, _ in step.mix)}
+            used = {step.target, *step.reads, *(s for s, _ in step.mix)}
             if not used <= names or step.branch not in self.branches:
                 raise RevcompileError(f"scheme {self.name!r}: step {step} names an unknown stream or branch")
+        if set(self.branch_roles) != set(self.branches):
+            raise RevcompileError(f"scheme {self.name!r}: branch_roles must name the roles of every branch")
+
+    @property
+    def implicit(self) -> bool:
+        return any(step.implicit for step in self.steps)
 
     def open_streams(self, h: Any) -> dict[str, Any]:
+        if self.open is None:
+            return dict(zip(self.streams, h.chunk(len(self.streams), dim=-1)))
         return {s: h if c == 1 else c * h for s, c in self.open.items()}
 
     def open_grad(self, grads: Mapping[str, Any]) -> Any:
         """Gradient of h given the gradients of the streams `open_streams` made."""
+        if self.open is None:
+            return torch.cat([grads[s] for s in self.streams], dim=-1)
         total = None
         for s, c in self.open.items():
             if c:
@@ -113,10 +201,14 @@ class Scheme:
 
     def unopen(self, x: Mapping[str, Any]) -> Any:
         """h back from freshly opened streams (the inverse of `open_streams`)."""
+        if self.open is None:
+            return torch.cat([x[s] for s in self.streams], dim=-1)
         stream, coeff = next((s, c) for s, c in self.open.items() if c)
         return x[stream] if coeff == 1 else x[stream] / coeff
 
     def merge_streams(self, x: Mapping[str, Any]) -> Any:
+        if self.merge is None:
+            return torch.cat([x[s] for s in self.streams], dim=-1)
         total = None
         for s, c in self.merge.items():
             term = x[s] if c == 1 else c * x[s]
@@ -124,4 +216,19 @@ class Scheme:
         return total
 
     def merge_grad(self, g: Any) -> dict[str, Any]:
+        if self.merge is None:
+            return dict(zip(self.streams, g.chunk(len(self.streams), dim=-1)))
         return {s: (g if self.merge.get(s, 0) == 1 else self.merge.get(s, 0) * g) for s in self.streams}
+
+    # NOTE: a permutation of stream names is orthogonal, so values and gradients are permuted the same way.
+    def permute(self, x: Mapping[str, Any]) -> dict[str, Any]:
+        """The state after the steps, named as the next layer sees it (applies output_order)."""
+        if self.output_order is None:
+            return dict(x)
+        return {s: x[o] for s, o in zip(self.streams, self.output_order)}
+
+    def unpermute(self, x: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of `permute`: a layer's output named as its steps left it."""
+        if self.output_order is None:
+            return dict(x)
+        return {o: x[s] for s, o in zip(self.streams, self.output_order)}

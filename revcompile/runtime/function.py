@@ -16,6 +16,12 @@ branch with grad on the (already exact) stream it reads, uses that output both t
 backpropagate, then drops the branch's graph before the next step. So the working set is one branch, not one
 layer, and each branch runs forward once more in backward (one extra forward in all, like checkpointing).
 
+NOTE: implicit steps (a branch that reads its own target, as in the fixed_point and revffn schemes). Backward
+finds the old value by fixed-point iteration (`coupling.fixed_point`) with the forward's routing replayed, then
+recomputes the branch there. Forward already runs that iteration once and compares with the true input: where
+it does not converge, the step keeps a copy of its input for backward (the hybrid fallback), so a residual that
+cannot be inverted costs memory, never correctness.
+
 NOTE: why chunks. An FFN or MoE branch acts on each token alone (the analysis checked it), so its recompute can
 run a slice of the sequence at a time, with the recorded routing sliced to match: its working set (every expert's
 activations, the largest thing a MoE layer makes) is divided by the number of slices. Not done for a branch that
@@ -31,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
+from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
 from .hf_outputs import ROUTER_LOGITS, private_collector
 from .replay import AutocastState, Replay, run_recorded, run_replayed, token_chunks
@@ -80,6 +87,7 @@ class CouplingCall:
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
     chunks: dict[str, int] = field(default_factory=dict)  # branch -> pieces its recompute is split into
     replays: list[Replay] | None = None
+    stored: list[torch.Tensor | None] | None = None  # per step: its input, kept where fixed-point inversion failed
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
         it = iter(tensors)
@@ -92,23 +100,47 @@ def _add(total: list, more: list) -> list:
     return [a if b is None else b if a is None else a + b for a, b in zip(total, more)]
 
 
-def _branch_vjp(call: CouplingCall, step, replay: Replay, read: torch.Tensor, context: list, wrt: list,
+def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tensor], context: list, wrt: list,
                 g_out: torch.Tensor, router_grads: tuple = ()):
-    """Recompute one branch with grad on `read` and backpropagate `g_out` (and the router logits' gradients).
+    """Recompute one branch with grad on the streams it reads and backpropagate `g_out` (and the router logits').
 
-    Returns (branch output, gradient of read, gradients of `wrt`); the branch's graph is gone on return.
+    Returns (branch output, gradients of reads, gradients of `wrt`); the branch's graph is gone on return.
     """
-    read = read.detach().requires_grad_(True)
+    reads = [read.detach().requires_grad_(True) for read in reads]
     with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
-        out = run_replayed(call.branches[step.branch], (read, *context), replay)
+        out = run_replayed(call.branches[step.branch], (*reads, *context), replay)
     outputs, grad_outputs = [out], [g_out]
     if router_grads:
         if len(recorded[ROUTER_LOGITS]) != len(router_grads):
             raise RevcompileError("the recompute recorded other router logits than the forward")
         outputs += recorded[ROUTER_LOGITS]
         grad_outputs += router_grads
-    g_read, *g_wrt = torch.autograd.grad(outputs, [read, *wrt], grad_outputs, allow_unused=True)
-    return out.detach(), g_read, g_wrt
+    grads = torch.autograd.grad(outputs, [*reads, *wrt], grad_outputs, allow_unused=True)
+    return out.detach(), list(grads[:len(reads)]), list(grads[len(reads):])
+
+
+def _solve(call: CouplingCall, step, after: dict[str, torch.Tensor], context: list, replay: Replay):
+    """Invert an implicit step by fixed-point iteration, the branch replaying the forward's routing and RNG."""
+    branch = call.branches[step.branch]
+    scheme = call.runtime.scheme
+    # the iterations' router logits go to a private collector: Hugging Face's aux loss must not see them
+    with torch.no_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS):
+        return fixed_point(step, after, lambda state: run_replayed(branch, (*(state[s] for s in step.reads),
+                                                                            *context), replay),
+                           scheme.tol, scheme.max_iters)
+
+
+def _check_inversion(call: CouplingCall, step, before: dict[str, torch.Tensor], new: torch.Tensor, context: list,
+                     replay: Replay) -> torch.Tensor | None:
+    """Forward's test of an implicit step: None when fixed-point iteration rebuilds its input from `new` (backward
+    will do the same), else a copy of the input for backward to use instead (the hybrid fallback)."""
+    result = _solve(call, step, {**before, step.target: new}, context, replay)
+    error = float((result.value - before[step.target]).abs().max())
+    # NOTE: the iteration stops when a step moves it by at most the bound; the distance to the true fixed point
+    # is that step divided by (1 - Lipschitz constant), so the error is judged ten times more loosely.
+    ok = result.converged and error <= 10 * tolerance_bound(new, call.runtime.scheme.tol)
+    call.runtime.inversions.record(result.iterations, ok)
+    return None if ok else before[step.target].detach().clone()
 
 
 class ReversibleCoupling(torch.autograd.Function):
@@ -120,15 +152,19 @@ class ReversibleCoupling(torch.autograd.Function):
         n_context = len(tensors) - len(call.params)
         context = call.context(tensors[:n_context])
         streams = rt.scheme.open_streams(x) if rt.is_first else rt.unpack(x)
-        call.replays, call.router_counts, router_logits = [], [], []
+        call.replays, call.router_counts, call.stored, router_logits = [], [], [], []
         for step in rt.scheme.steps:
             before = len(call.router_logits) if call.router_logits is not None else 0
-            out, replay = run_recorded(call.branches[step.branch], (streams[step.reads], *context), rng=call.training)
-            streams[step.target] = step.apply(streams, out)
+            out, replay = run_recorded(call.branches[step.branch], (*(streams[s] for s in step.reads), *context),
+                                       rng=call.training)
+            new = step.apply(streams, out)
+            call.stored.append(_check_inversion(call, step, streams, new, context, replay) if step.implicit else None)
+            streams[step.target] = new
             call.replays.append(replay)
             if call.router_logits is not None:
                 router_logits.extend(call.router_logits[before:])
                 call.router_counts.append(len(call.router_logits) - before)
+        streams = rt.scheme.permute(streams)
         ctx.call = call
         packed = rt.pack(streams)
         if rt.is_last:
@@ -161,7 +197,7 @@ class ReversibleCoupling(torch.autograd.Function):
             if not call.out_slot.owned:
                 packed = packed.clone()  # the forward's own output: others (hooks, hidden states) may hold it
             grads = rt.unpack(grad_out)
-        streams = rt.unpack(packed)
+        streams, grads = scheme.unpermute(rt.unpack(packed)), scheme.unpermute(grads)
         context_inputs = [t.detach().requires_grad_(t.requires_grad) for t in context_tensors]
         context = call.context(tuple(context_inputs))
         wrt = [t for t in context_inputs if t.requires_grad] + call.params
@@ -170,39 +206,50 @@ class ReversibleCoupling(torch.autograd.Function):
         router_ends = list(itertools.accumulate(call.router_counts or [0] * len(scheme.steps)))
         for k in reversed(range(len(scheme.steps))):
             step, replay = scheme.steps[k], call.replays[k]
+            if step.implicit:  # the old value first (stored in forward if it did not converge there), then the vjp
+                old = call.stored[k] if call.stored[k] is not None else _solve(call, step, streams, context,
+                                                                               replay).value
+                streams[step.target].copy_(old)
+                del old
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
             router_grads = grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]] \
                 if grad_router_logits and call.router_counts[k] else ()
-            read = streams[step.reads]
-            chunks = token_chunks(read, replay, call.chunks.get(step.branch, 1)) if not router_grads else None
+            reads = [streams[s] for s in step.reads]
+            chunks = token_chunks(reads[0], replay, call.chunks.get(step.branch, 1)) if not router_grads else None
             if chunks is None:
-                out, g_read, g_wrt = _branch_vjp(call, step, replay, read, context, wrt, g_out, router_grads)
+                out, g_reads, g_wrt = _branch_vjp(call, step, replay, reads, context, wrt, g_out, router_grads)
             else:  # a token-wise branch, recomputed a slice of the sequence at a time: its working set shrinks
-                out, g_read, g_wrt = torch.empty_like(g_out), torch.zeros_like(read), [None] * len(wrt)
+                out, g_wrt = torch.empty_like(g_out), [None] * len(wrt)
+                g_reads = [torch.zeros_like(read) for read in reads]
                 for positions, part in chunks:
-                    o, g, w = _branch_vjp(call, step, part, read[..., positions, :], context, wrt,
-                                          g_out[..., positions, :])
+                    o, g, w = _branch_vjp(call, step, part, [read[..., positions, :] for read in reads], context,
+                                          wrt, g_out[..., positions, :])
                     out[..., positions, :] = o
-                    if g is not None:
-                        g_read[..., positions, :] = g
+                    for total, piece in zip(g_reads, g):
+                        if piece is not None:
+                            total[..., positions, :] = piece
                     g_wrt = _add(g_wrt, w)
-            # only now (all grads taken): `read` is a view of the same buffer, and autograd checks its version
-            streams[step.target].copy_(step.undo(streams, out))
+            if not step.implicit:
+                # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions
+                streams[step.target].copy_(step.undo(streams, out))
             grads = step.transpose(grads)
-            if g_read is not None:
-                grads[step.reads] = grads[step.reads] + g_read
+            for stream, g_read in zip(step.reads, g_reads):
+                if g_read is not None:
+                    grads[stream] = grads[stream] + g_read
             accumulated = _add(accumulated, g_wrt)
-            del out, read, g_read, g_wrt
-        call.replays = None
+            del out, reads, g_reads, g_wrt
+        call.replays = call.stored = None
+        # a permuting scheme leaves the rebuilt streams out of order in the buffer: the previous layer gets a copy
+        rebuilt = packed if scheme.output_order is None else rt.pack(streams)
         if call.observe is not None:
-            call.observe(scheme.unopen(streams) if rt.is_first else rt.pack(streams))
+            call.observe(scheme.unopen(streams) if rt.is_first else rebuilt)
 
         if rt.is_first:
             grad_x = scheme.open_grad(grads)
         else:
             grad_x = rt.pack(grads)
             if call.in_slot is not None:
-                call.in_slot.refill(packed)
+                call.in_slot.refill(rebuilt)
         by_input = iter(accumulated)
         context_grads = [next(by_input) if t.requires_grad else None for t in context_inputs]
         return (None, grad_x, *context_grads, *by_input)

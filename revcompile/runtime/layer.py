@@ -18,6 +18,7 @@ import inspect
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,8 @@ from .hf_outputs import ROUTER_LOGITS, active_collector
 from .replay import AutocastState
 
 _state = threading.local()
+PAIR_ROLES = ("attn", "mlp")  # the pair's own branches, in layer order
+NEW_MODULES = "revcompile_modules"  # the layer attribute holding modules a scheme adds (adapters, projections)
 
 
 @contextmanager
@@ -71,6 +74,25 @@ def _is_cache(value: Any) -> bool:
     return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
 
 
+@dataclass
+class InversionStats:
+    """How a layer's implicit steps fared in forward: solved by fixed-point iteration, or input kept (hybrid)."""
+
+    solved: int = 0
+    stored: int = 0
+    max_iterations: int = 0
+
+    def record(self, iterations: int, converged: bool) -> None:
+        self.solved += converged
+        self.stored += not converged
+        self.max_iterations = max(self.max_iterations, iterations)
+
+    @property
+    def converged_fraction(self) -> float:
+        total = self.solved + self.stored
+        return self.solved / total if total else float("nan")
+
+
 class LayerRuntime:
     """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
 
@@ -86,10 +108,12 @@ class LayerRuntime:
         self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
         self._build(layer, branch_graphs, signature)
         self._warned_cache = False
+        self.inversions = InversionStats()
 
     def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
-        branches = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
-                    for name, graph in zip(self.scheme.branches, branch_graphs)}
+        roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
+                 for name, graph in zip(PAIR_ROLES, branch_graphs)}
+        branches = self.scheme.compose(roles, getattr(layer, NEW_MODULES, {})) if self.scheme.compose else roles
         names = dynamic_names(signature)
         self._built[signature] = (branches, coupling_module(self.scheme, branches, names),
                                   coupling_module(self.scheme, branches, names, inverse=True))
@@ -145,6 +169,7 @@ class LayerRuntime:
         if not reversible:
             streams = self.scheme.open_streams(hidden) if self.is_first else self.unpack(hidden)
             streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
+            # (the generated coupling already applied the scheme's output_order)
             return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
 
         if any(_is_cache(v) for v in values):

@@ -11,16 +11,24 @@ h0 + the MLP updates so far, M reads h0 + the attention updates so far (the orig
 The README quotes the measured KL between the original and the converted model.
 """
 
-from ..coupling import Scheme, Step
+from dataclasses import dataclass
 
-SYMPLECTIC = Scheme(
-    name="symplectic",
-    streams=("q", "p", "h0"),
-    open={"q": 1.0, "p": 1.0, "h0": 1.0},
-    steps=(
-        Step(target="q", reads="p", branch="attn"),
-        Step(target="p", reads="q", branch="mlp"),
-    ),
-    merge={"q": 1.0, "p": 1.0, "h0": -1.0},
-    description="q <- q + A(p); p <- p + M(q): two explicit additive steps, exact inverse",
-)
+from ..coupling import Scheme, Step
+from .config import SchemeConfig
+
+
+@dataclass(frozen=True)
+class SymplecticConfig(SchemeConfig):
+    """No options: two explicit additive steps, exact inverse."""
+
+    name = "symplectic"
+
+    def scheme(self) -> Scheme:
+        return Scheme(
+            name=self.name,
+            streams=("q", "p", "h0"),
+            open={"q": 1.0, "p": 1.0, "h0": 1.0},
+            steps=(Step(target="q", reads="p", branch="attn"), Step(target="p", reads="q", branch="mlp")),
+            merge={"q": 1.0, "p": 1.0, "h0": -1.0},
+            description="q <- q + A(p); p <- p + M(q): two explicit additive steps, exact inverse",
+        )
