@@ -34,8 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-from pretrain_tiny_moe import load_pretrained  # noqa: E402
+from revcompile.pretrained import load_pretrained  # noqa: E402
 from revcompile.data import byte_batches, pydoc_text  # noqa: E402
 from revcompile.measure import METHOD_LABELS, prepare, reset_peak_rss, rss_bytes  # noqa: E402
 

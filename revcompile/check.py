@@ -25,7 +25,7 @@ from torch import nn
 
 from .api import converted_layers
 from .errors import RevcompileError
-from .runtime.layer import disable_inversion, observe_reconstruction
+from .runtime.layer import InversionStats, disable_inversion, observe_reconstruction
 
 # Gradient relative error beyond which check() warns, by parameter dtype.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -37,6 +37,7 @@ class LayerCheck:
     input_error: float
     grad_error: float
     grad_cosine: float
+    converged: float | None = None  # implicit schemes: fraction of fixed-point inversions that converged in forward
 
 
 @dataclass
@@ -57,13 +58,16 @@ class CheckReport:
         return max(r.input_error for r in self.layers)
 
     def __str__(self) -> str:
+        headers = ["layer", "rebuilt input rel. error", "grad rel. error", "grad cosine"]
         rows = [[r.layer, r.input_error, r.grad_error, r.grad_cosine] for r in self.layers]
+        if any(r.converged is not None for r in self.layers):  # which layers fell back to keeping their input
+            headers.append("fixed point converged")
+            rows = [row + [r.converged] for row, r in zip(rows, self.layers)]
         tolerance = TOLERANCE.get(self.dtype, 1e-4)
         verdict = "within" if self.worst_grad_error <= tolerance else "EXCEEDS"
         return (f"revcompile check ({str(self.dtype).replace('torch.', '')}): loss {self.loss:.6g} with inversion, "
                 f"{self.reference_loss:.6g} without\n"
-                + tabulate(rows, headers=["layer", "rebuilt input rel. error", "grad rel. error", "grad cosine"],
-                           floatfmt=".3g")
+                + tabulate(rows, headers=headers, floatfmt=".3g")
                 + f"\nworst gradient error {self.worst_grad_error:.3g}: {verdict} the tolerance {tolerance:g} for "
                 f"{str(self.dtype).replace('torch.', '')}")
 
@@ -121,6 +125,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torc
             raise RevcompileError(f"check(): the reversible backward failed: {err}") from err
         return float(loss), [_flat_grads(layer) for layer in layers]
 
+    for layer in layers:  # count this check's fixed-point inversions only
+        layer._revcompile.inversions = InversionStats()
     training = model.training
     model.train()
     try:
@@ -133,7 +139,9 @@ def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torc
     for layer, g, r in zip(layers, grads, reference_grads):
         error = float((g - r).norm() / r.norm().clamp_min(1e-300))
         cosine = float(torch.nn.functional.cosine_similarity(g, r, dim=0))
-        rows.append(LayerCheck(names[layer], rebuilt.get(layer, float("nan")), error, cosine))
+        stats = layer._revcompile.inversions if layer._revcompile.scheme.implicit else None
+        rows.append(LayerCheck(names[layer], rebuilt.get(layer, float("nan")), error, cosine,
+                               stats.converged_fraction if stats else None))
     dtype = autocast or next(model.parameters()).dtype
     report = CheckReport(dtype, loss, reference_loss, rows)
     tolerance = TOLERANCE.get(dtype, 1e-4)

@@ -93,10 +93,15 @@ class FixedPointResult:
     converged: bool
 
 
+# NOTE: float64's default is far above its rounding: Mixtral's, DeepSeek-V3's and GLM-4's routers compute in float32
+# even in a float64 model, so the iteration map itself is only float32-exact and stalls around 1e-9.
+DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
 def tolerance_bound(output: torch.Tensor, tol: float | None) -> float:
     """The absolute step size at which a fixed-point inversion of `output` stops: tol times (1 + its largest
-    magnitude); tol None is ten units in the last place of its dtype."""
-    tol = tol if tol is not None else 10 * torch.finfo(output.dtype).eps
+    magnitude); tol None takes DEFAULT_TOLERANCE for its dtype."""
+    tol = tol if tol is not None else DEFAULT_TOLERANCE.get(output.dtype, 1e-5)
     return tol * (1 + float(output.abs().max()))
 
 
@@ -141,7 +146,7 @@ class Scheme:
                   by `compose` from them (and from the modules `new_modules` adds to the layer).
     branch_roles: which of the pair's branches each branch runs ("attn", "mlp"): a branch made only of token-wise
                   ones is recomputed a slice of the sequence at a time.
-    tol, max_iters: the fixed-point inversion of implicit steps (tol None: ten units in the last place).
+    tol, max_iters: the fixed-point inversion of implicit steps (tol None: DEFAULT_TOLERANCE by dtype).
     """
 
     name: str

@@ -73,7 +73,12 @@ class Plan:
     def table(self) -> str:
         rows = [[p.layer, "+".join(p.modules[0]), "+".join(p.modules[1]), p.kinds[1],
                  ", ".join("1" if s is None else f"{s:g}" for s in p.scales)] for p in self.pairs]
-        text = tabulate(rows, headers=["layer", "attention branch", "FFN/MoE branch", "kind", "residual scale"])
+        headers = ["layer", "attention branch", "FFN/MoE branch", "kind", "residual scale"]
+        runtimes = [getattr(p.module, "_revcompile", None) for p in self.pairs]
+        if any(rt is not None and rt.scheme.implicit for rt in runtimes):  # converted with fixed-point inversion
+            headers.append("fixed point (forwards so far)")
+            rows = [row + [_inversions(rt.inversions)] for row, rt in zip(rows, runtimes)]
+        text = tabulate(rows, headers=headers)
         if self.skipped:
             text += "\n\n" + tabulate([[s.layer, s.reason] for s in self.skipped], headers=["skipped", "reason"])
         return text
@@ -82,6 +87,13 @@ class Plan:
         head = (f"revcompile plan: {len(self.pairs)} pairs, {len(self.skipped)} skipped, in {', '.join(self.stacks)} "
                 f"({self.structures} distinct layer structure{'s' if self.structures != 1 else ''} traced)")
         return head + "\n" + self.table()
+
+
+def _inversions(stats) -> str:
+    if not stats.solved + stats.stored:
+        return "not run yet"
+    return (f"{stats.solved} inverted, {stats.stored} kept input, <= {stats.max_iterations} iterations"
+            if stats.stored else f"{stats.solved} inverted, <= {stats.max_iterations} iterations")
 
 
 def layer_branches(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[LayerTrace, list[Residual], list[fx.Graph]]:

@@ -21,7 +21,7 @@ from .config import SchemeConfig, check_solver
 
 @dataclass(frozen=True)
 class FixedPointConfig(SchemeConfig):
-    """tol: relative step size at which the iteration stops (None: ten units in the last place); max_iters."""
+    """tol: relative step size at which the iteration stops (None: a default by dtype, coupling.DEFAULT_TOLERANCE); max_iters."""
 
     name = "fixed_point"
     tol: float | None = None

@@ -35,7 +35,7 @@ def _projection(rows: int, cols: int, offset: int = 0, repeat: bool = False) -> 
 
 @dataclass(frozen=True)
 class RevFFNConfig(SchemeConfig):
-    """tol, max_iters: the fixed-point inversion of x1 (tol None: ten units in the last place of the dtype)."""
+    """tol, max_iters: the fixed-point inversion of x1 (tol None: a default by dtype, coupling.DEFAULT_TOLERANCE)."""
 
     name = "revffn"
     tol: float | None = None

@@ -1,0 +1,179 @@
+"""Every scheme: gradients equal the same coupled model under ordinary autograd, generated inverses rebuild their
+input, options are validated; fixed_point keeps the original function exactly; MEFT keeps the starting point;
+distillation brings a converted model back toward the original."""
+
+import copy
+
+import pytest
+import torch
+
+import revcompile
+from conftest import loss_and_grads, make_model, rel_err, token_batch
+from revcompile.capture.tracer import dynamic_names
+from revcompile.data import byte_batches, stdlib_text
+from revcompile.pretrained import pretrain
+
+SCHEMES = list(revcompile.SCHEMES)
+IMPLICIT = {"fixed_point", "revffn"}
+MODELS = ("mixtral", "olmoe", "deepseek_v3", "plain")
+
+
+def convert(name: str, scheme: str, layers: int = 3, **options):
+    """A converted fp64 model whose added modules (adapters, projections) are randomised, so they do real work.
+
+    recompute_chunks=1: DeepSeek-V3's router computes in float32 even in a float64 model (see test_gradients).
+    """
+    model = revcompile.make_reversible(make_model(name, torch.float64, layers=layers), scheme, recompute_chunks=1,
+                                       **options)
+    torch.manual_seed(3)
+    for layer in revcompile.converted_layers(model):
+        for p in getattr(layer, "revcompile_modules", torch.nn.Module()).parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+    return model.train()
+
+
+def all_grads(model, grads: dict) -> dict:
+    """Gradients of every parameter, zero where autograd gave none (an adapter whose output is not used)."""
+    return {n: grads.get(n, torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_scheme_gradients_match_reference(scheme, name):
+    model = convert(name, scheme)
+    ids = token_batch(model)
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    ref_loss, ref_nodes, ref_grads = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and ref_nodes == 0
+    assert rel_err(loss, ref_loss) < 1e-10
+    grads, ref_grads = all_grads(model, grads), all_grads(model, ref_grads)
+    worst = max(ref_grads, key=lambda n: rel_err(grads[n], ref_grads[n]) if ref_grads[n].any() else 0)
+    # implicit schemes are exact to their iteration tolerance (default 1e-9 in float64: see coupling.py)
+    assert rel_err(grads[worst], ref_grads[worst]) < (1e-6 if scheme in IMPLICIT else 1e-8), worst
+    added = [n for n in grads if "revcompile_modules" in n]
+    assert bool(added) == (revcompile.get_scheme(scheme).new_modules is not None)
+    assert any(grads[n].any() for n in added) or not added
+
+
+@pytest.mark.parametrize("name", ["mixtral", "plain"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_scheme_inverse_rebuilds_input(scheme, name):
+    model = convert(name, scheme).eval()
+    for pair in model._revcompile_plan.pairs:
+        runtime = pair.module._revcompile
+        hidden, context, signature = runtime.bind(pair.module, pair.call.args, pair.call.kwargs)
+        _, coupled, inverse = runtime.coupling(pair.module, pair.call.args, pair.call.kwargs, signature)
+        values = [context[name] for name in dynamic_names(signature)]
+        opened = runtime.scheme.open_streams(hidden)
+        streams = [opened[s] + 0.1 * torch.randn_like(opened[s]) for s in runtime.scheme.streams]
+        with torch.no_grad():
+            out = coupled(*streams, *values)
+            rebuilt = inverse(*out, *values)
+        assert max(rel_err(a, b) for a, b in zip(rebuilt, streams)) < (1e-7 if scheme in IMPLICIT else 1e-10)
+        assert max(rel_err(a, b) for a, b in zip(out, streams)) > 1e-3
+
+
+@pytest.mark.parametrize("name, tol, grad_tol", [("plain", 1e-13, 1e-10), ("mixtral", None, 1e-7),
+                                                ("olmoe", None, 1e-6), ("deepseek_v3", None, 1e-6)])
+def test_fixed_point_is_the_original_function(name, tol, grad_tol):
+    """Same loss and logits as the unconverted model, and its gradients to the iteration tolerance."""
+    original = make_model(name, torch.float64).train()
+    model = revcompile.make_reversible(copy.deepcopy(original), "fixed_point", tol=tol, recompute_chunks=1).train()
+    ids = token_batch(model)
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    ref_loss, _, ref_grads = loss_and_grads(original, ids, reference=False)
+    assert nodes == 3 and rel_err(loss, ref_loss) < 1e-12
+    with torch.no_grad():
+        assert rel_err(model.eval()(ids).logits if name != "plain" else model.eval()(ids),
+                       original.eval()(ids).logits if name != "plain" else original.eval()(ids)) < 1e-12
+    assert max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) < grad_tol
+    stats = [layer._revcompile.inversions for layer in revcompile.converted_layers(model)]
+    assert all(s.solved + s.stored == 2 for s in stats)  # every residual either inverted or kept its input
+    assert sum(s.solved for s in stats) >= 3  # and most are inverted
+    if name == "plain":
+        assert all(s.converged_fraction == 1 for s in stats) and "2 inverted" in str(model._revcompile_plan)
+    assert "converged fraction" in revcompile.inversion_report(model)
+
+
+def test_fixed_point_falls_back_to_storing_input():
+    """One iteration cannot converge: every residual keeps its input, and gradients are still exact."""
+    original = make_model("mixtral", torch.float64).train()
+    model = revcompile.make_reversible(copy.deepcopy(original), "fixed_point", max_iters=1).train()
+    ids = token_batch(model)
+    _, nodes, grads = loss_and_grads(model, ids, reference=False)
+    _, _, ref_grads = loss_and_grads(original, ids, reference=False)
+    assert nodes == 3 and max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) < 1e-12
+    stats = [layer._revcompile.inversions for layer in revcompile.converted_layers(model)]
+    assert all(s.stored == 2 and s.solved == 0 for s in stats)
+    assert "kept input" in str(model._revcompile_plan)
+    report = revcompile.check(model, ids)
+    assert all(r.converged == 0 for r in report.layers) and "fixed point converged" in str(report)
+
+
+@pytest.mark.parametrize("scheme, options", [("meft1", {"lam": 1e-9}), ("meft2", {"beta": 1e-9}),
+                                             ("meft3", {"lam": 1e-9, "beta": 1e-9})])
+def test_meft_adapters_keep_the_pretrained_starting_point(scheme, options):
+    """With the small coefficient near 0, MEFT's converted model is the original: the adapters start at zero."""
+    original = make_model("mixtral", torch.float64).eval()
+    model = revcompile.make_reversible(copy.deepcopy(original), scheme, **options).eval()
+    ids = token_batch(model)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, original(ids).logits) < 1e-6
+    with torch.no_grad():  # and it is the adapters' zero start that does it
+        revcompile.converted_layers(model)[0].revcompile_modules.adapter_f.up.weight.fill_(0.1)
+        assert rel_err(model(ids).logits, original(ids).logits) > 1e-3
+
+
+@pytest.mark.parametrize("scheme, options, message", [
+    ("meft1", {"lam": 0}, "lam must be non-zero"),
+    ("meft3", {"beta": 0.0}, "beta must be non-zero"),
+    ("meft2", {"rank": 0}, "rank must be a positive integer"),
+    ("midpoint", {"h": 0}, "h must be positive"),
+    ("fixed_point", {"max_iters": 0}, "max_iters must be a positive integer"),
+    ("revffn", {"tol": -1.0}, "tol must be positive"),
+    ("meft1", {"lamda": 0.1}, "unknown option lamda for scheme 'meft1'; its options are: lam, beta"),
+    ("symplectic", {"h": 0.5}, "its options are: none"),
+    ("midpont", {}, "unknown scheme 'midpont'"),
+])
+def test_invalid_scheme_options_are_clear_errors(scheme, options, message):
+    model = make_model("mixtral")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(revcompile.RevcompileError, match=message):
+        revcompile.make_reversible(model, scheme, **options)
+    assert not revcompile.converted_layers(model) and model.state_dict().keys() == state.keys()
+
+
+def test_revffn_needs_an_even_hidden_size():
+    with pytest.raises(revcompile.RevcompileError, match="hidden size must be even"):
+        revcompile.make_reversible(make_model("mixtral", hidden_size=35, num_attention_heads=4,
+                                              num_key_value_heads=4, head_dim=8), "revffn")
+
+
+def test_scheme_config_object_and_undo():
+    from revcompile.schemes import MEFT3Config
+
+    model = make_model("olmoe")
+    keys = set(model.state_dict())
+    revcompile.make_reversible(model, MEFT3Config(rank=4))
+    layer = revcompile.converted_layers(model)[0]
+    assert layer.revcompile_modules.adapter_f.down.out_features == 4 and set(model.state_dict()) > keys
+    revcompile.undo(model)
+    assert set(model.state_dict()) == keys
+
+
+@pytest.fixture(scope="module")
+def small_pretrained():
+    """A faster variant of the project's pretrained tiny MoE (2 layers, 80 steps on standard-library sources)."""
+    return pretrain(steps=80, batch=8, seq=64, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                    progress=False)
+
+
+def test_distillation_brings_a_converted_model_back(small_pretrained):
+    original = small_pretrained
+    model = revcompile.make_reversible(copy.deepcopy(original), "midpoint")
+    held_out = byte_batches(stdlib_text(["shlex"]), 4, 64, 4, seed=7)
+    before = revcompile.kl_divergence(original, model.eval(), held_out)
+    history = revcompile.distill(model, original, byte_batches(stdlib_text(["textwrap"]), 8, 64, 40, seed=3),
+                                 lr=1e-3, progress=False)
+    after = revcompile.kl_divergence(original, model.eval(), held_out)
+    assert len(history) == 40 and before > 1e-3 and after < 0.5 * before
