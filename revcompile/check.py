@@ -81,8 +81,9 @@ def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def _flat_grads(module: nn.Module) -> torch.Tensor:
-    grads = [p.grad.detach().double().flatten() for p in module.parameters() if p.grad is not None]
-    return torch.cat(grads) if grads else torch.zeros(1, dtype=torch.float64)
+    """Every parameter's gradient, flattened; zeros where there is none (a parameter whose output went unused)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten()
+                      for p in module.parameters()])
 
 
 def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,

@@ -98,6 +98,9 @@ class FixedPointResult:
 DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
+STALL_ITERATIONS = 5
+
+
 def tolerance_bound(output: torch.Tensor, tol: float | None) -> float:
     """The absolute step size at which a fixed-point inversion of `output` stops: tol times (1 + its largest
     magnitude); tol None takes DEFAULT_TOLERANCE for its dtype."""
@@ -119,13 +122,20 @@ def fixed_point(step: Step, after: Mapping[str, torch.Tensor], branch: Callable[
         tensor(1.)
     """
     bound = tolerance_bound(after[step.target], tol)
-    guess = after[step.target]
+    guess, best, best_at = after[step.target], float("inf"), 0
     for iteration in range(1, max_iters + 1):
         new = step.undo(after, branch({**after, step.target: guess}))
         moved = float((new - guess).abs().max())
         guess = new
         if moved <= bound:
             return FixedPointResult(guess, iteration, True)
+        # NOTE: a contraction moves less at every iteration. Where the map is not one here the steps stall or
+        # oscillate; five iterations without a new smallest step end the attempt early, instead of spending
+        # max_iters branch calls on a fixed point it will not reach.
+        if moved < best:
+            best, best_at = moved, iteration
+        elif iteration - best_at >= STALL_ITERATIONS:
+            return FixedPointResult(guess, iteration, False)
     return FixedPointResult(guess, max_iters, False)
 
 

@@ -52,7 +52,7 @@ def _selective_policy():
 
 
 def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
-    """Set `model` up for training with `method` (one of METHODS), in place."""
+    """Set `model` up for training with `method` (one of METHODS, or "revcompile:SCHEME"), in place."""
     if method == "plain":
         return model
     if method == "checkpointing":
@@ -69,10 +69,10 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                            "context_fn": context_fn})
         return model
-    if method == "revcompile":
+    if method.partition(":")[0] == "revcompile":
         import revcompile
 
-        return revcompile.make_reversible(model)
+        return revcompile.make_reversible(model, method.partition(":")[2] or "symplectic")
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -92,15 +92,27 @@ def reset_peak_rss() -> None:
 
 
 def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
-                         dtype: str = "float32", steps: int = 1, attn: str = "sdpa", **config: Any) -> dict:
-    """In this process: build the model, warm up, then measure `steps` training steps (peak of the first)."""
+                         dtype: str = "float32", steps: int = 1, attn: str = "sdpa", pretrained: str | None = None,
+                         **config: Any) -> dict:
+    """In this process: build the model, warm up, then measure `steps` training steps (peak of the first).
+
+    pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
+    """
     from .models import tiny_config, tiny_model_from_config
 
     model_type = config.pop("model_type", "mixtral")
     torch.manual_seed(0)
-    cfg = tiny_config(model_type, num_hidden_layers=depth, attn_implementation=attn,
-                      experts_implementation=config.pop("experts", "eager"), **config)
-    model = tiny_model_from_config(cfg).to(device=device, dtype=getattr(torch, dtype))
+    if pretrained:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation=attn,
+                                                     experts_implementation=config.pop("experts", "eager"))
+        cfg = model.config
+    else:
+        cfg = tiny_config(model_type, num_hidden_layers=depth, attn_implementation=attn,
+                          experts_implementation=config.pop("experts", "eager"), **config)
+        model = tiny_model_from_config(cfg)
+    model = model.to(device=device, dtype=getattr(torch, dtype))
     model.config.use_cache = False
     prepare(model, method)
     model.train()
