@@ -124,7 +124,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torc
                 loss.backward()
         except RevcompileError as err:
             raise RevcompileError(f"check(): the reversible backward failed: {err}") from err
-        return float(loss), [_flat_grads(layer) for layer in layers]
+        return float(loss.detach()), [_flat_grads(layer) for layer in layers]
 
     for layer in layers:  # count this check's fixed-point inversions only
         layer._revcompile.inversions = InversionStats()

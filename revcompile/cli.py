@@ -66,19 +66,24 @@ def cmd_diff(args: argparse.Namespace) -> None:
                             class_name=pair.module._revcompile.original_class.__name__)
     branches, coupled, inverse = pair.module._revcompile.generated()
     print(f"== {pair.layer} before (traced layer graph) ==\n{before.code.strip()}\n")
-    for name, branch in branches.items():
+    # the pair's own branches, cut out of the layer graph (a scheme may compose them, with adapters, into others)
+    cut = pair.module._revcompile.role_branches()
+    for name, branch in cut.items():
         print(f"== branch {name} (cut out of the layer graph) ==\n{branch.code.strip()}\n")
+    for name, branch in branches.items():
+        if branch not in cut.values():
+            print(f"== branch {name} (composed by the scheme) ==\n{branch}\n")
     print(f"== {pair.layer} after: generated {args.scheme} coupling ==\n{coupled.code.strip()}\n")
     print(f"== generated inverse ==\n{inverse.code.strip()}\n")
     old = op_counts(pair.structure.trace.graph)
-    new = op_counts(coupled.graph, *(b.graph for b in branches.values()), skip_modules=tuple(branches))
+    new = op_counts(coupled.graph, *(b.graph for b in cut.values()), skip_modules=tuple(branches))
     rows = [[op, old[op], new[op], f"{new[op] - old[op]:+d}"] for op in sorted(old | new) if old[op] != new[op]]
     print("== op count changes per layer (forward) ==")
     print(tabulate(rows, headers=["op", "before", "after", "change"]) if rows else "(none)")
     if args.dot:
         os.makedirs(args.dot, exist_ok=True)
         for name, graph in (("before", before.graph), ("after", coupled.graph), ("inverse", inverse.graph),
-                            *((f"branch_{n}", b.graph) for n, b in branches.items())):
+                            *((f"branch_{n}", b.graph) for n, b in cut.items())):
             with open(os.path.join(args.dot, f"{name}.dot"), "w") as f:
                 f.write(to_dot(graph, name))
         print(f"\nwrote .dot graphs to {args.dot}")

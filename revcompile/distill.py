@@ -80,7 +80,7 @@ def distill(model: nn.Module, original: nn.Module, batches: Iterable[Any], steps
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         bar.set_postfix(kl=f"{history[-1]:.4f}")
     if not history:
         raise RevcompileError("distill() got no batches")

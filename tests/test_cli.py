@@ -31,3 +31,11 @@ def test_diff_bad_model_is_one_line_error(capsys, model, message):
     assert main(["diff", model]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("scheme, expected", [("fixed_point", "solve_attn = self.solve_attn("),
+                                              ("meft1", "getitem"), ("midpoint", "layer = self.layer(cur")])
+def test_diff_shows_each_schemes_generated_inverse(capsys, scheme, expected):
+    assert main(["diff", "mixtral", "--scheme", scheme]) == 0
+    out = capsys.readouterr().out
+    assert f"generated {scheme} coupling" in out and "generated inverse" in out and expected in out

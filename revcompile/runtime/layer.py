@@ -106,6 +106,7 @@ class LayerRuntime:
         self.original_class = original_class
         self.forward_fn = inspect.unwrap(original_class.forward)
         self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
+        self._roles: dict[str, fx.GraphModule] = {}
         self._build(layer, branch_graphs, signature)
         self._warned_cache = False
         self.inversions = InversionStats()
@@ -113,6 +114,7 @@ class LayerRuntime:
     def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
         roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
                  for name, graph in zip(PAIR_ROLES, branch_graphs)}
+        self._roles = self._roles or roles
         branches = self.scheme.compose(roles, getattr(layer, NEW_MODULES, {})) if self.scheme.compose else roles
         names = dynamic_names(signature)
         self._built[signature] = (branches, coupling_module(self.scheme, branches, names),
@@ -139,6 +141,10 @@ class LayerRuntime:
                 layer.__class__ = original
             self._build(layer, graphs, signature)
         return self._built[signature]
+
+    def role_branches(self) -> dict[str, fx.GraphModule]:
+        """The pair's own branches ("attn", "mlp") cut out for the call signature seen when converting."""
+        return self._roles
 
     def generated(self) -> tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]:
         """(branches, coupled forward, inverse) generated for the call signature seen when converting."""
