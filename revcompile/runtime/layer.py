@@ -70,6 +70,22 @@ def observe_reconstruction(observer: Callable[[nn.Module, torch.Tensor, torch.Te
     return _thread_setting("observer", observer)
 
 
+def _slot_of(hidden: torch.Tensor) -> Slot | None:
+    """The slot of the converted layer whose output `hidden` is, if it is one.
+
+    NOTE: an engine may hand the layer an identity view of that output rather than the tensor itself: FSDP2's
+    pre-forward hook passes a layer's inputs through an autograd Function that returns them, which autograd turns
+    into views. Without looking at the view's base the previous layer's output would stay in its slot until
+    backward, and memory would grow with depth again.
+    """
+    slot, base = getattr(hidden, "_revcompile_slot", None), hidden._base
+    if slot is None and base is not None:  # the view must cover the whole base, not a slice of it
+        layout = (hidden.shape, hidden.stride(), hidden.storage_offset())
+        slot = getattr(base, "_revcompile_slot", None) if layout == (base.shape, base.stride(), base.storage_offset()) \
+            else None
+    return slot
+
+
 def _is_cache(value: Any) -> bool:
     return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
 
@@ -181,7 +197,7 @@ class LayerRuntime:
             values = [None if _is_cache(v) else v for v in values]
         leaves, spec = tree_flatten(values)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
+        in_slot = None if self.is_first else _slot_of(hidden)
         template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
                             layer.training, AutocastState.capture(hidden.device),
