@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..capture.tracer import bind_call, call_signature, dynamic_names
 from ..coupling import Scheme
+from ..distributed import refuse_sharded_inside
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
@@ -188,6 +189,7 @@ class LayerRuntime:
             # (the generated coupling already applied the scheme's output_order)
             return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
 
+        refuse_sharded_inside(layer)
         if any(_is_cache(v) for v in values):
             if not self._warned_cache:
                 warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
