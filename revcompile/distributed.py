@@ -37,7 +37,7 @@ def _wrappers() -> dict[type, str]:
     from torch.nn.parallel import DistributedDataParallel
 
     return {FSDPModule: "sharded by fully_shard (FSDP2)",
-            FullyShardedDataParallel: "wrapped in FullyShardedDataParallel (FSDP1, not supported: use fully_shard)",
+            FullyShardedDataParallel: "wrapped in FullyShardedDataParallel (FSDP1)",
             DistributedDataParallel: "wrapped in DistributedDataParallel"}
 
 
