@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture.tracer import bind_call, unwrapped_forward
 from .coupling import Scheme
+from .distributed import refuse_wrapped
 from .errors import RevcompileError
 from .plan import Pair, analyze
 from .runtime.layer import NEW_MODULES, PAIR_ROLES, LayerRuntime, disable_inversion, reversible_class
@@ -93,6 +94,8 @@ def undo(model: nn.Module) -> nn.Module:
     layers = converted_layers(model)
     if not layers:
         raise RevcompileError("this model was not converted by revcompile.make_reversible; nothing to undo")
+    refuse_wrapped(model, "undo works on the unwrapped model: call it before fully_shard (whose layer classes it "
+                          "would drop), or on the model inside DistributedDataParallel (revcompile.undo(ddp.module))")
     for layer in layers:
         layer.__class__ = layer._revcompile.original_class
         del layer._revcompile

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_layer
 from .capture.tracer import bind_call, call_signature, unwrapped_forward
+from .distributed import ORDER, refuse_wrapped
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_branches
 from .passes.extract import branch_graph_of
@@ -134,6 +135,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
         raise RevcompileError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if any(hasattr(m, "_revcompile") for m in model.modules()):
         raise RevcompileError("this model is already converted by revcompile; call revcompile.undo(model) first")
+    refuse_wrapped(model, f"revcompile converts the model before a distributed engine wraps it: {ORDER}")
     stacks = find_stacks(model, example_call(model, example_inputs))
     if not stacks:
         raise RevcompileError(f"{type(model).__name__} has no layer stack (an nn.ModuleList whose layers are "

@@ -25,7 +25,7 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 def make_model(name: str, dtype: torch.dtype = torch.float64, layers: int = 3, seed: int = 0, **overrides):
     if name == "plain":
         torch.manual_seed(seed)
-        return PlainLM(depth=layers).to(dtype)
+        return PlainLM(depth=layers, **overrides).to(dtype)
     return tiny_model(name, seed=seed, dtype=dtype, num_hidden_layers=layers, **overrides)
 
 
@@ -35,23 +35,30 @@ def token_batch(model, batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Ten
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model(ids, labels=ids) if hasattr(model, "config") else model(ids)
+    hf = hasattr(getattr(model, "module", model), "config")  # (DistributedDataParallel keeps the model in .module)
+    out = model(ids, labels=ids) if hf else model(ids)
     if hasattr(out, "loss"):
         return out.loss
     return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def count_reversible_nodes(loss: torch.Tensor) -> int:
-    """How many reversible Function nodes the autograd graph of `loss` holds (0 means inversion never ran)."""
-    seen, stack, count = set(), [loss.grad_fn], 0
+def reversible_nodes(loss: torch.Tensor) -> list:
+    """The reversible Function nodes of the autograd graph of `loss` (`node.call` is the layer call's CouplingCall)."""
+    seen, stack, nodes = set(), [loss.grad_fn], []
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        count += type(fn).__name__ == "ReversibleCouplingBackward"
+        if type(fn).__name__ == "ReversibleCouplingBackward":
+            nodes.append(fn)
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return count
+    return nodes
+
+
+def count_reversible_nodes(loss: torch.Tensor) -> int:
+    """How many reversible Function nodes the autograd graph of `loss` holds (0 means inversion never ran)."""
+    return len(reversible_nodes(loss))
 
 
 def loss_and_grads(model, ids, reference: bool):

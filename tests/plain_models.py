@@ -1,5 +1,5 @@
-"""Plain PyTorch models (not Hugging Face, own names) for the tests: a pre-norm MoE, a post-norm and a
-parallel-residual transformer that revcompile must skip with a reason."""
+"""Plain PyTorch models (not Hugging Face, own names) for the tests: a pre-norm MoE (dense or sparse), a post-norm
+and a parallel-residual transformer that revcompile must skip with a reason."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ class TopKMoE(nn.Module):
         return out
 
 
+class SparseTopKMoE(TopKMoE):
+    """Runs only the experts some token chose, as hand-written MoEs do: the others get no gradient at all."""
+
+    def forward(self, x):
+        weights, chosen = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            gate = (weights * (chosen == e)).sum(-1, keepdim=True)
+            out = out + gate * self.experts[e](x)
+        return out
+
+
 class PreNormBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
@@ -48,6 +60,14 @@ class PreNormBlock(nn.Module):
     def forward(self, x):
         x = x + self.mix(self.norm_a(x))
         return x + self.ff(self.norm_b(x))
+
+
+class SparsePreNormBlock(PreNormBlock):
+    """A pre-norm block whose MoE has 8 separate experts and runs only the chosen ones."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.ff = SparseTopKMoE(width, experts=8)
 
 
 class PostNormBlock(PreNormBlock):

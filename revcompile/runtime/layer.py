@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..capture.tracer import bind_call, call_signature, dynamic_names
 from ..coupling import Scheme
+from ..distributed import refuse_sharded_inside
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
@@ -68,6 +69,22 @@ def observe_reconstruction(observer: Callable[[nn.Module, torch.Tensor, torch.Te
     Used by `revcompile.check`; it keeps a copy of every layer's input, so it is for diagnosis, not training.
     """
     return _thread_setting("observer", observer)
+
+
+def _slot_of(hidden: torch.Tensor) -> Slot | None:
+    """The slot of the converted layer whose output `hidden` is, if it is one.
+
+    NOTE: an engine may hand the layer an identity view of that output rather than the tensor itself: FSDP2's
+    pre-forward hook passes a layer's inputs through an autograd Function that returns them, which autograd turns
+    into views. Without looking at the view's base the previous layer's output would stay in its slot until
+    backward, and memory would grow with depth again.
+    """
+    slot, base = getattr(hidden, "_revcompile_slot", None), hidden._base
+    if slot is None and base is not None:  # the view must cover the whole base, not a slice of it
+        layout = (hidden.shape, hidden.stride(), hidden.storage_offset())
+        slot = getattr(base, "_revcompile_slot", None) if layout == (base.shape, base.stride(), base.storage_offset()) \
+            else None
+    return slot
 
 
 def _is_cache(value: Any) -> bool:
@@ -178,6 +195,7 @@ class LayerRuntime:
             # (the generated coupling already applied the scheme's output_order)
             return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
 
+        refuse_sharded_inside(layer)
         if any(_is_cache(v) for v in values):
             if not self._warned_cache:
                 warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
@@ -187,7 +205,7 @@ class LayerRuntime:
             values = [None if _is_cache(v) else v for v in values]
         leaves, spec = tree_flatten(values)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        in_slot = None if self.is_first else getattr(hidden, "_revcompile_slot", None)
+        in_slot = None if self.is_first else _slot_of(hidden)
         template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
                             layer.training, AutocastState.capture(hidden.device),
