@@ -21,7 +21,8 @@ from .config import SchemeConfig, check_solver
 
 @dataclass(frozen=True)
 class FixedPointConfig(SchemeConfig):
-    """tol: relative step size at which the iteration stops (None: a default by dtype, coupling.DEFAULT_TOLERANCE); max_iters."""
+    """tol: relative step size at which the iteration stops (None: coupling.DEFAULT_TOLERANCE by dtype);
+    max_iters: the most iterations per inversion (it also stops when it stalls)."""
 
     name = "fixed_point"
     tol: float | None = None

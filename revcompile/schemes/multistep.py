@@ -20,11 +20,13 @@ from ..coupling import Scheme, Step
 from .branches import LayerUpdate
 from .config import SchemeConfig
 
-_LAYER_ROLES = {"layer": ("attn", "mlp")}
-
-
-def _layer_branch(roles, extra):
-    return {"layer": LayerUpdate(roles["attn"], roles["mlp"])}
+def _integrator(name: str, step: Step, description: str) -> Scheme:
+    """A two-stream integrator step over the whole layer's update, then (prev, cur) <- (cur, next)."""
+    return Scheme(name=name, streams=("prev", "cur"), open={"prev": 1.0, "cur": 1.0}, steps=(step,),
+                  merge={"cur": 1.0}, output_order=("cur", "prev"), branches=("layer",),
+                  branch_roles={"layer": ("attn", "mlp")},
+                  compose=lambda roles, extra: {"layer": LayerUpdate(roles["attn"], roles["mlp"])},
+                  description=description)
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,8 @@ class MidpointConfig(SchemeConfig):
         self.require(self.h > 0, "h must be positive")
 
     def scheme(self) -> Scheme:
-        return Scheme(
-            name=self.name, streams=("prev", "cur"), open={"prev": 1.0, "cur": 1.0},
-            steps=(Step(target="prev", reads="cur", branch="layer", branch_scale=2 * self.h),),
-            merge={"cur": 1.0}, output_order=("cur", "prev"),
-            branches=("layer",), branch_roles=_LAYER_ROLES, compose=_layer_branch,
-            description=f"next = prev + {2 * self.h:g} f(cur); (prev, cur) <- (cur, next)",
-        )
+        return _integrator(self.name, Step(target="prev", reads="cur", branch="layer", branch_scale=2 * self.h),
+                           f"next = prev + {2 * self.h:g} f(cur); (prev, cur) <- (cur, next)")
 
 
 @dataclass(frozen=True)
@@ -58,11 +55,6 @@ class LeapfrogConfig(SchemeConfig):
         self.require(self.h > 0, "h must be positive")
 
     def scheme(self) -> Scheme:
-        return Scheme(
-            name=self.name, streams=("prev", "cur"), open={"prev": 1.0, "cur": 1.0},
-            steps=(Step(target="prev", reads="cur", branch="layer", scale=-1.0, mix=(("cur", 2.0),),
-                        branch_scale=self.h ** 2),),
-            merge={"cur": 1.0}, output_order=("cur", "prev"),
-            branches=("layer",), branch_roles=_LAYER_ROLES, compose=_layer_branch,
-            description=f"next = 2 cur - prev + {self.h ** 2:g} f(cur); (prev, cur) <- (cur, next)",
-        )
+        return _integrator(self.name, Step(target="prev", reads="cur", branch="layer", scale=-1.0,
+                                           mix=(("cur", 2.0),), branch_scale=self.h ** 2),
+                           f"next = 2 cur - prev + {self.h ** 2:g} f(cur); (prev, cur) <- (cur, next)")
