@@ -26,7 +26,8 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
-                    example_inputs: Any = None, recompute_chunks: int = 4, **options) -> nn.Module:
+                    example_inputs: Any = None, recompute_chunks: int = 4, max_run: int | None = None,
+                    **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.SCHEMES` and the README's guide), its config
@@ -35,6 +36,11 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     invert:          False keeps the coupled computation but trains it with ordinary autograd (stores activations).
     example_inputs:  one forward call's input (a tensor, a tuple of arguments or a dict of keywords), used to
                      find the layers; by default a few random tokens for the model's embedding.
+    max_run:         at most this many consecutive layers per reversible run (None: as many as are consecutive).
+                     Each run opens the streams from h and merges them back, and keeps its last output for
+                     backward: shorter runs cost one stored state each but bound how far reconstruction error
+                     compounds (MEFT, bf16), and make function-changing schemes closer to the original
+                     (symplectic with max_run=1 is exactly the original model).
     recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
                      sequence at a time, dividing its working set (1: in one piece).
 
@@ -47,6 +53,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     scheme = get_scheme(scheme, **options)
     if not isinstance(recompute_chunks, int) or recompute_chunks < 1:
         raise RevcompileError(f"recompute_chunks must be a positive integer, got {recompute_chunks!r}")
+    if max_run is not None and (not isinstance(max_run, int) or max_run < 1):
+        raise RevcompileError(f"max_run must be a positive integer or None, got {max_run!r}")
     plan = analyze(model, example_inputs)
     if not plan.pairs:
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
@@ -56,9 +64,13 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
         added = [_new_modules(pair, scheme) for pair in plan.pairs]  # all built (and validated) before any is set
         for pair, modules in zip(plan.pairs, added):
             pair.module.add_module(NEW_MODULES, modules)
-    # a run is a maximal sequence of consecutive converted layers of one stack: it opens and merges the streams
-    for _, run in groupby(enumerate(plan.pairs), key=lambda ip: (ip[1].stack, ip[1].index - ip[0])):
-        run = [pair for _, pair in run]
+    # a run is a maximal sequence of consecutive converted layers of one stack (cut into pieces of max_run): it
+    # opens and merges the streams
+    runs = [[pair for _, pair in run]
+            for _, run in groupby(enumerate(plan.pairs), key=lambda ip: (ip[1].stack, ip[1].index - ip[0]))]
+    if max_run is not None:
+        runs = [run[i:i + max_run] for run in runs for i in range(0, len(run), max_run)]
+    for run in runs:
         for i, pair in enumerate(run):
             layer = pair.module
             token_wise = {role for role, splits in zip(PAIR_ROLES, pair.structure.splits_by_token) if splits}

@@ -177,3 +177,21 @@ def test_distillation_brings_a_converted_model_back(small_pretrained):
                                  lr=1e-3, progress=False)
     after = revcompile.kl_divergence(original, model.eval(), held_out)
     assert len(history) == 40 and before > 1e-3 and after < 0.5 * before
+
+
+def test_max_run_bounds_reversible_runs():
+    """Runs of one layer make symplectic the original model; shorter runs still give the reference gradients."""
+    original = make_model("mixtral", torch.float64).eval()
+    model = revcompile.make_reversible(copy.deepcopy(original), "symplectic", max_run=1).eval()
+    ids = token_batch(model)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, original(ids).logits) < 1e-12
+    model = revcompile.make_reversible(make_model("olmoe", torch.float64), "meft1", max_run=2).train()
+    runtimes = [layer._revcompile for layer in revcompile.converted_layers(model)]
+    assert [(rt.is_first, rt.is_last) for rt in runtimes] == [(True, False), (False, True), (True, True)]
+    _, nodes, grads = loss_and_grads(model, ids, reference=False)
+    _, _, ref_grads = loss_and_grads(model, ids, reference=True)
+    grads, ref_grads = all_grads(model, grads), all_grads(model, ref_grads)
+    assert nodes == 3 and max(rel_err(grads[n], ref_grads[n]) for n in ref_grads if ref_grads[n].any()) < 1e-8
+    with pytest.raises(revcompile.RevcompileError, match="max_run must be a positive integer"):
+        revcompile.make_reversible(make_model("mixtral"), max_run=0)
