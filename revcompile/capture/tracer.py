@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,12 +52,16 @@ class LayerTrace:
         return dynamic_names(self.signature)
 
 
+# NOTE: cached because every call of a converted layer binds its arguments; inspect.signature costs more than the bind
+_signature = functools.lru_cache(maxsize=None)(inspect.signature)
+
+
 def bind_call(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[str, Any, dict[str, Any]]:
     """Split a layer call into (hidden-state name, hidden state, context by name).
 
     Keyword arguments collected by `**kwargs` become context entries of their own.
     """
-    signature = inspect.signature(forward)
+    signature = _signature(forward)
     params = list(signature.parameters.values())
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         raise RevcompileError(f"{type(layer).__name__}.forward takes *args; revcompile needs named arguments")

@@ -95,9 +95,29 @@ class CouplingCall:
         return tree_unflatten(leaves, self.context_spec)
 
 
-def _add(total: list, more: list) -> list:
-    """Sum two lists of optional gradients elementwise (None is zero)."""
-    return [a if b is None else b if a is None else a + b for a, b in zip(total, more)]
+class _GradSum:
+    """Lists of optional gradients summed elementwise (None is zero) into `grads`.
+
+    NOTE: a gradient autograd returns may alias another tensor (a parameter added as is gets the incoming gradient
+    itself), so a term is never written to; a sum made here is, and later terms are added to it in place: one large
+    allocation per parameter, not one per recompute slice (a MoE's expert weights are the layer's largest tensors).
+    """
+
+    def __init__(self, n: int):
+        self.grads: list[torch.Tensor | None] = [None] * n
+        self._owned = [False] * n
+
+    def add(self, more: list) -> None:
+        for i, term in enumerate(more):
+            if term is None:
+                continue
+            total = self.grads[i]
+            if total is None:
+                self.grads[i] = term
+            elif self._owned[i]:
+                total.add_(term)
+            else:
+                self.grads[i], self._owned[i] = total + term, True
 
 
 def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tensor], context: list, wrt: list,
@@ -201,7 +221,7 @@ class ReversibleCoupling(torch.autograd.Function):
         context_inputs = [t.detach().requires_grad_(t.requires_grad) for t in context_tensors]
         context = call.context(tuple(context_inputs))
         wrt = [t for t in context_inputs if t.requires_grad] + call.params
-        accumulated: list[torch.Tensor | None] = [None] * len(wrt)
+        accumulated = _GradSum(len(wrt))
 
         router_ends = list(itertools.accumulate(call.router_counts or [0] * len(scheme.steps)))
         for k in reversed(range(len(scheme.steps))):
@@ -219,7 +239,7 @@ class ReversibleCoupling(torch.autograd.Function):
             if chunks is None:
                 out, g_reads, g_wrt = _branch_vjp(call, step, replay, reads, context, wrt, g_out, router_grads)
             else:  # a token-wise branch, recomputed a slice of the sequence at a time: its working set shrinks
-                out, g_wrt = torch.empty_like(g_out), [None] * len(wrt)
+                out, chunk_sum = torch.empty_like(g_out), _GradSum(len(wrt))
                 g_reads = [torch.zeros_like(read) for read in reads]
                 for positions, part in chunks:
                     o, g, w = _branch_vjp(call, step, part, [read[..., positions, :] for read in reads], context,
@@ -228,7 +248,8 @@ class ReversibleCoupling(torch.autograd.Function):
                     for total, piece in zip(g_reads, g):
                         if piece is not None:
                             total[..., positions, :] = piece
-                    g_wrt = _add(g_wrt, w)
+                    chunk_sum.add(w)
+                g_wrt = chunk_sum.grads
             if not step.implicit:
                 # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions
                 streams[step.target].copy_(step.undo(streams, out))
@@ -236,7 +257,7 @@ class ReversibleCoupling(torch.autograd.Function):
             for stream, g_read in zip(step.reads, g_reads):
                 if g_read is not None:
                     grads[stream] = grads[stream] + g_read
-            accumulated = _add(accumulated, g_wrt)
+            accumulated.add(g_wrt)
             del out, reads, g_reads, g_wrt
         call.replays = call.stored = None
         # a permuting scheme leaves the rebuilt streams out of order in the buffer: the previous layer gets a copy
@@ -250,6 +271,6 @@ class ReversibleCoupling(torch.autograd.Function):
             grad_x = rt.pack(grads)
             if call.in_slot is not None:
                 call.in_slot.refill(rebuilt)
-        by_input = iter(accumulated)
+        by_input = iter(accumulated.grads)
         context_grads = [next(by_input) if t.requires_grad else None for t in context_inputs]
         return (None, grad_x, *context_grads, *by_input)

@@ -182,7 +182,10 @@ def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]
 
 def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
     """Call `branch(*args)` with the RNG state and expert choices of the recorded call."""
-    with (replay.rng.restored() if replay.rng else nullcontext()), RoutingReplayer(replay.routing):
+    # NOTE: a call that made no selection (attention, a dense FFN) is recomputed without the replayer: a
+    # TorchFunctionMode costs a Python call per op, and there is nothing to replay
+    replayer = RoutingReplayer(replay.routing) if replay.routing else nullcontext()
+    with (replay.rng.restored() if replay.rng else nullcontext()), replayer:
         return branch(*args)
 
 
