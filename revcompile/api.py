@@ -19,7 +19,8 @@ from .coupling import Scheme
 from .distributed import refuse_wrapped
 from .errors import RevcompileError
 from .plan import Pair, analyze
-from .runtime.layer import NEW_MODULES, PAIR_ROLES, LayerRuntime, disable_inversion, reversible_class
+from .runtime.compiled import BranchCompiler
+from .runtime.layer import NEW_MODULES, LayerRuntime, chunks_by_branch, disable_inversion, reversible_class
 from .schemes import SchemeConfig, get_scheme
 
 __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report"]
@@ -27,7 +28,7 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
                     example_inputs: Any = None, recompute_chunks: int = 4, max_run: int | None = None,
-                    **options) -> nn.Module:
+                    compile: bool = False, **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.SCHEMES` and the README's guide), its config
@@ -43,6 +44,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                      (symplectic with max_run=1 is exactly the original model).
     recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
                      sequence at a time, dividing its working set (1: in one piece).
+    compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
+                     compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
 
     Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
     as they are and listed in `plan.skipped`. Schemes with adapters or projections (meft*, revffn) add them to
@@ -64,6 +67,7 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
         added = [_new_modules(pair, scheme) for pair in plan.pairs]  # all built (and validated) before any is set
         for pair, modules in zip(plan.pairs, added):
             pair.module.add_module(NEW_MODULES, modules)
+    compiler = BranchCompiler() if compile else None
     # a run is a maximal sequence of consecutive converted layers of one stack (cut into pieces of max_run): it
     # opens and merges the streams
     runs = [[pair for _, pair in run]
@@ -73,13 +77,11 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     for run in runs:
         for i, pair in enumerate(run):
             layer = pair.module
-            token_wise = {role for role, splits in zip(PAIR_ROLES, pair.structure.splits_by_token) if splits}
             layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
                                              pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
-                                             chunks={name: recompute_chunks for name, roles in
-                                                     scheme.branch_roles.items() if roles and
-                                                     set(roles) <= token_wise})
+                                             chunks=chunks_by_branch(scheme, pair.structure.splits_by_token,
+                                                                     recompute_chunks), compiler=compiler)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     model._revcompile_plan = plan

@@ -30,6 +30,7 @@ from ..coupling import Scheme
 from ..distributed import refuse_sharded_inside
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
+from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
 from .hf_outputs import ROUTER_LOGITS, active_collector
 from .replay import AutocastState
@@ -87,6 +88,12 @@ def _slot_of(hidden: torch.Tensor) -> Slot | None:
     return slot
 
 
+def chunks_by_branch(scheme: Scheme, splits_by_token: list[bool], chunks: int) -> dict[str, int]:
+    """branch -> pieces its recompute is split into: `chunks` for a branch made only of token-wise roles."""
+    token_wise = {role for role, splits in zip(PAIR_ROLES, splits_by_token) if splits}
+    return {name: chunks for name, roles in scheme.branch_roles.items() if roles and set(roles) <= token_wise}
+
+
 def _is_cache(value: Any) -> bool:
     return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
 
@@ -110,15 +117,68 @@ class InversionStats:
         return self.solved / total if total else float("nan")
 
 
-class LayerRuntime:
-    """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
+class StreamRuntime:
+    """A converted layer as the reversible Function sees it: its scheme, its place in its run, its recompute slices.
 
-    def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
-                 is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int]):
+    It runs one call of the layer either reversibly (`run_reversible`) or as the plain coupled computation
+    (`run_coupled`). A module's layer (LayerRuntime) and a layer cut out of a Dynamo graph by the torch.compile
+    backend (`backend.GraphLayer`) are both one.
+    """
+
+    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, chunks: dict[str, int]):
         self.scheme = scheme
         self.chunks = chunks  # branch -> pieces of the sequence its backward recompute is split into
         self.is_first = is_first
         self.is_last = is_last
+        self.inversions = InversionStats()
+
+    # streams travel between layers packed along a new leading dimension; unbind gives contiguous views
+    def pack(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([streams[s] for s in self.scheme.streams])
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        if packed.shape[0] != len(self.scheme.streams):
+            raise RevcompileError("a converted layer received a hidden state instead of packed streams: converted "
+                                  "layers must be called in order, from the first of their run to the last")
+        return dict(zip(self.scheme.streams, packed.unbind(0)))
+
+    def run_coupled(self, coupled: Callable, hidden: torch.Tensor, values: list) -> torch.Tensor:
+        """The coupled computation under ordinary autograd (the generated coupling applies the output order)."""
+        streams = self.scheme.open_streams(hidden) if self.is_first else self.unpack(hidden)
+        streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
+        return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
+
+    def run_reversible(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list, params: list,
+                       training: bool, collector: dict | None = None,
+                       observe: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """The reversible Function on one call: `values` the context (pytrees of tensors and constants), `params`
+        the layer's trainable parameters, `collector` Hugging Face's output collector of this model call."""
+        leaves, spec = tree_flatten(values)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        in_slot = None if self.is_first else _slot_of(hidden)
+        template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
+                            training, AutocastState.capture(hidden.device),
+                            router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
+                            chunks=self.chunks, observe=observe)
+        out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
+        if isinstance(out, tuple):  # (output, router logits given a gradient path): see hf_outputs.py
+            out = out[0]
+        if in_slot is not None:
+            in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
+        if call.out_slot is not None:
+            out._revcompile_slot = call.out_slot
+        return out
+
+
+class LayerRuntime(StreamRuntime):
+    """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
+
+    def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
+                 is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int],
+                 compiler: BranchCompiler | None = None):
+        super().__init__(scheme, is_first, is_last, chunks)
+        self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert
         self.original_class = original_class
         self.forward_fn = inspect.unwrap(original_class.forward)
@@ -126,12 +186,13 @@ class LayerRuntime:
         self._roles: dict[str, fx.GraphModule] = {}
         self._build(layer, branch_graphs, signature)
         self._warned_cache = False
-        self.inversions = InversionStats()
 
     def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
         roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
                  for name, graph in zip(PAIR_ROLES, branch_graphs)}
         self._roles = self._roles or roles
+        if self.compiler is not None:
+            roles = {name: self.compiler(layer, branch, name) for name, branch in roles.items()}
         branches = self.scheme.compose(roles, getattr(layer, NEW_MODULES, {})) if self.scheme.compose else roles
         names = dynamic_names(signature)
         self._built[signature] = (branches, coupling_module(self.scheme, branches, names),
@@ -167,16 +228,6 @@ class LayerRuntime:
         """(branches, coupled forward, inverse) generated for the call signature seen when converting."""
         return next(iter(self._built.values()))
 
-    # streams travel between layers packed along a new leading dimension; unbind gives contiguous views
-    def pack(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([streams[s] for s in self.scheme.streams])
-
-    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
-        if packed.shape[0] != len(self.scheme.streams):
-            raise RevcompileError("a converted layer received a hidden state instead of packed streams: converted "
-                                  "layers must be called in order, from the first of their run to the last")
-        return dict(zip(self.scheme.streams, packed.unbind(0)))
-
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, context, signature = self.bind(layer, args, kwargs)
         branches, coupled, _ = self.coupling(layer, args, kwargs, signature)
@@ -190,10 +241,7 @@ class LayerRuntime:
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
-            streams = self.scheme.open_streams(hidden) if self.is_first else self.unpack(hidden)
-            streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
-            # (the generated coupling already applied the scheme's output_order)
-            return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
+            return self.run_coupled(coupled, hidden, values)
 
         refuse_sharded_inside(layer)
         if any(_is_cache(v) for v in values):
@@ -203,27 +251,13 @@ class LayerRuntime:
                               stacklevel=3)
                 self._warned_cache = True
             values = [None if _is_cache(v) else v for v in values]
-        leaves, spec = tree_flatten(values)
-        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        in_slot = None if self.is_first else _slot_of(hidden)
-        template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
-                            layer.training, AutocastState.capture(hidden.device),
-                            router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
-                            chunks=self.chunks)
-        observer = getattr(_state, "observer", None)
+        observer, observe = getattr(_state, "observer", None), None
         if observer is not None:
             true_input = hidden.detach().clone()
-            call.observe = lambda rebuilt: observer(layer, true_input, rebuilt)
-        out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
-        if isinstance(out, tuple):  # (output, router logits given a gradient path): see hf_outputs.py
-            out = out[0]
-        if in_slot is not None:
-            in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
-        if call.out_slot is not None:
-            out._revcompile_slot = call.out_slot
-        return out
 
+            def observe(rebuilt):
+                observer(layer, true_input, rebuilt)
+        return self.run_reversible(branches, hidden, values, params, layer.training, collector, observe)
 
 class ReversibleLayer:
     """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime."""
