@@ -65,7 +65,12 @@ def classify_branches(layer: nn.Module, trace: LayerTrace, chain: list[Residual]
         interpreter.run(hidden, *context_values)
         values = {node.name: value for node, value in interpreter.env.items()}
         inputs = [values[r.stream.name] for r in chain]
-        kinds = [_branch_kind(branch, x, context_values) for branch, x in zip(branches, inputs)]
-        splits = [kind != ATTENTION and splits_by_token(branch, x, context_values)
-                  for kind, branch, x in zip(kinds, branches, inputs)]
-        return kinds, splits
+        return classify_values(branches, inputs, context_values)
+
+
+def classify_values(branches: list, inputs: list[torch.Tensor], context: list) -> tuple[list[str], list[bool]]:
+    """(kind of each branch, whether it splits by token), each branch run on its input and the shared context."""
+    kinds = [_branch_kind(branch, x, context) for branch, x in zip(branches, inputs)]
+    splits = [kind != ATTENTION and splits_by_token(branch, x, context)
+              for kind, branch, x in zip(kinds, branches, inputs)]
+    return kinds, splits

@@ -11,10 +11,22 @@ Example:
 
 from __future__ import annotations
 
+import operator
+
 from torch import fx
 
 from ..capture.tracer import LayerTrace
 from .residuals import Residual
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Does `node` write to its first argument (`x[i] = v`, `x.add_(y)`, `torch.Tensor.index_add_(x, ...)`)?"""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.setitem:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
 
 
 def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
@@ -27,6 +39,9 @@ def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
             continue
         needed.add(node)
         pending.extend(node.all_input_nodes)
+        # NOTE: a graph of torch-level ops (Dynamo's) may fill a tensor in place (`inv_perm[perm] = arange(n)`);
+        # the write has no user, so data flow alone would leave it out and the branch would read garbage
+        pending.extend(user for user in node.users if writes_in_place(user) and user.args[0] is node)
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {residual.stream: graph.placeholder("x")}

@@ -1,0 +1,178 @@
+"""torch.compile: make_reversible(compile=True) and the "revcompile" Dynamo backend train like the eager model.
+
+Hugging Face's default "eager" experts loop over a data-dependent set of experts, which breaks Dynamo's graph at
+`nonzero`; these tests use its "grouped_mm" experts, whose graph is whole (see README, "torch.compile").
+"""
+
+import functools
+import logging
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+from conftest import count_reversible_nodes, make_model, rel_err
+from plain_models import PlainLM, PostNormBlock
+from torch import fx
+from torch._dynamo.utils import counters
+
+import revcompile
+from revcompile.capture.tracer import dynamic_names
+from revcompile.runtime.replay import run_recorded, run_replayed
+
+FAMILIES = ("mixtral", "qwen2_moe")
+STEPS = 3
+LOSS_TOLERANCE, GRAD_TOLERANCE = 1e-5, 1e-4  # fp32, relative
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(name: str) -> torch.nn.Module:
+    model = make_model(name, torch.float32, layers=3, experts_implementation="grouped_mm")
+    model.config.use_cache = False
+    return model.train()
+
+
+def batches(model) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(3, model.config.vocab_size, (2, 16), generator=generator) for _ in range(STEPS)]
+
+
+def compile_counts() -> tuple[int, int]:
+    """(graphs Dynamo made, frames it compiled) so far: unchanged means nothing was compiled again."""
+    return counters["stats"]["unique_graphs"], counters["frames"]["total"]
+
+
+def train(model, data, forward=None, reference=False) -> dict:
+    """STEPS SGD steps; per step the loss, the reversible nodes in its graph, the gradients and compile counts."""
+    forward = model if forward is None else forward
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = {"loss": [], "nodes": [], "grads": [], "counts": []}
+    for ids in data:
+        optimizer.zero_grad(set_to_none=True)
+        with revcompile.disable_inversion() if reference else nullcontext():
+            loss = forward(ids, labels=ids).loss
+            out["nodes"].append(count_reversible_nodes(loss))
+            loss.backward()
+        out["loss"].append(float(loss.detach()))
+        out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        out["counts"].append(compile_counts())
+        optimizer.step()
+    return out
+
+
+def assert_same_training(run: dict, expected: dict) -> None:
+    for step in range(STEPS):
+        assert abs(run["loss"][step] - expected["loss"][step]) <= LOSS_TOLERANCE * abs(expected["loss"][step])
+        grads, ref = run["grads"][step], expected["grads"][step]
+        assert grads.keys() == ref.keys()
+        worst = max(ref, key=lambda n: rel_err(grads[n], ref[n]))
+        assert rel_err(grads[worst], ref[worst]) < GRAD_TOLERANCE, (step, worst)
+
+
+@functools.cache
+def compiled_run(name: str) -> tuple:
+    """(eager model, compiled model, compiled run, eager run, reference run, compile counts before the first step)."""
+    eager = revcompile.make_reversible(tiny(name))
+    compiled = revcompile.make_reversible(tiny(name), compile=True)
+    reference = revcompile.make_reversible(tiny(name))
+    data = batches(eager)
+    before = compile_counts()
+    return (eager, compiled, train(compiled, data), train(eager, data), train(reference, data, reference=True),
+            before)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compiled_training_matches_eager_and_reference(name):
+    _, _, run, eager, reference, _ = compiled_run(name)
+    assert run["nodes"] == [3] * STEPS and reference["nodes"] == [0] * STEPS, "inversion must run, not in the reference"
+    assert_same_training(run, eager)
+    assert_same_training(run, reference)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_branch_graph_is_compiled_once_and_never_again(name):
+    """Three layers share one compiled graph per branch and grad mode; steps 2 and 3 compile nothing."""
+    _, compiled, run, _, _, before = compiled_run(name)
+    compiler = revcompile.converted_layers(compiled)[0]._revcompile.compiler
+    assert len(compiler) == 2  # the attention and the MoE branch graph, shared by the three layers
+    assert run["counts"][0][0] - before[0] <= 2 * len(compiler)  # at most a no-grad and a recompute graph each
+    assert run["counts"][-1] == run["counts"][0], "recompiled after the first step"
+
+
+def test_routing_is_replayed_inside_the_compiled_branch():
+    """The compiled MoE branch, recorded on x and replayed on an input that would route elsewhere, gives the eager
+    branch's replayed output and gradients: the selection really comes from the recording."""
+    eager, compiled, *_ = compiled_run("mixtral")
+    layer = revcompile.converted_layers(compiled)[0]
+    branch = layer._revcompile.generated()[0]["mlp"]
+    eager_branch = fx.GraphModule(layer, compiled._revcompile_plan.pairs[0].structure.branch_graphs[1])
+    captured = {}
+
+    def grab(module, args, kwargs):
+        _, context, signature = module._revcompile.bind(module, args, kwargs)
+        captured["context"] = [context[name] for name in dynamic_names(signature)]
+
+    hook = revcompile.converted_layers(eager)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    ids = batches(eager)[0]
+    with torch.no_grad():
+        eager(ids)
+    hook.remove()
+    context = captured["context"]
+    x = torch.randn(*ids.shape, compiled.config.hidden_size)
+    with torch.no_grad():
+        _, replay = run_recorded(branch, (x, *context), rng=False)
+    moved = torch.randn(*ids.shape, compiled.config.hidden_size, requires_grad=True)
+    _, fresh = run_recorded(eager_branch, (moved.detach(), *context), rng=False)
+    assert not torch.equal(fresh.routing[0].long(), replay.routing[0].long()), "the test needs other choices"
+    out = run_replayed(branch, (moved, *context), replay)
+    grad, = torch.autograd.grad(out.sum(), moved)
+    expected = run_replayed(eager_branch, (moved, *context), replay)
+    expected_grad, = torch.autograd.grad(expected.sum(), moved)
+    assert rel_err(out.detach(), expected.detach()) < LOSS_TOLERANCE and rel_err(grad, expected_grad) < GRAD_TOLERANCE
+
+
+def test_backend_converts_and_trains_like_make_reversible(caplog):
+    """torch.compile(model, backend="revcompile") converts the three layers of Dynamo's graph: same losses and
+    gradients as make_reversible in eager mode, inversion running, nothing compiled again after the first step."""
+    eager = revcompile.make_reversible(tiny("mixtral"))
+    model = tiny("mixtral")
+    data = batches(model)
+    with caplog.at_level(logging.INFO, logger="revcompile.backend"):
+        run = train(model, data, forward=torch.compile(model, backend="revcompile"))
+    assert "converted model.layers.0..model.layers.2" in caplog.text
+    assert run["nodes"] == [3] * STEPS
+    assert_same_training(run, train(eager, data))
+    assert run["counts"][-1] == run["counts"][0]
+
+
+def test_backend_leaves_an_unconvertible_graph_to_inductor(caplog):
+    """Post-norm layers cannot be coupled: the graph goes to Inductor unchanged, with one log line saying why."""
+    torch.manual_seed(0)
+    model = PlainLM(PostNormBlock, depth=2)
+    ids = torch.randint(0, 64, (2, 8))
+    with caplog.at_level(logging.WARNING, logger="revcompile.backend"):
+        out = torch.compile(model, backend="revcompile")(ids)
+    lines = [r.getMessage() for r in caplog.records if r.name == "revcompile.backend"]
+    assert len(lines) == 1 and "goes to Inductor unchanged" in lines[0] and "(pre-norm)" in lines[0], lines
+    assert rel_err(out.detach(), model(ids).detach()) < LOSS_TOLERANCE
+
+
+def test_backend_is_registered_by_import_and_by_entry_point(tmp_path):
+    assert "revcompile" in torch._dynamo.list_backends()
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    target = "revcompile.backend:revcompile_backend"
+    assert f'[project.entry-points.torch_dynamo_backends]\nrevcompile = "{target}"' in pyproject
+    # an installed package is found through its entry point alone: a minimal dist-info, revcompile never imported
+    info = tmp_path / "revcompile-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: revcompile\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text(f"[torch_dynamo_backends]\nrevcompile = {target}\n")
+    code = ("import sys, torch._dynamo; fn = torch._dynamo.lookup_backend('revcompile'); "
+            "print(fn.__module__, fn.__name__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["revcompile.backend", "revcompile_backend"]
