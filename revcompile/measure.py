@@ -27,11 +27,18 @@ from typing import Any
 import torch
 
 METHODS = ("plain", "checkpointing", "selective", "revcompile")
+# more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in one piece
+SPEED_METHODS = ("plain", "compiled", "checkpointing", "selective", "revcompile", "revcompile-unchunked",
+                 "revcompile-compiled", "revcompile-backend")
 METHOD_LABELS = {
     "plain": "plain training",
     "checkpointing": "HF activation checkpointing",
     "selective": "torch selective checkpointing",
     "revcompile": "revcompile (reversible)",
+    "compiled": "plain torch.compile",
+    "revcompile-unchunked": "revcompile, recompute_chunks=1",
+    "revcompile-compiled": "revcompile, compile=True",
+    "revcompile-backend": 'torch.compile(backend="revcompile")',
 }
 # A config where activations dominate (issue 2): tiny Mixtral, hidden 128, sdpa attention, fp32.
 MEMORY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -52,9 +59,21 @@ def _selective_policy():
 
 
 def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
-    """Set `model` up for training with `method` (one of METHODS, or "revcompile:SCHEME"), in place."""
+    """Set `model` up for training with `method` (one of SPEED_METHODS, or "revcompile:SCHEME"), in place; returns
+    what to call for a forward (the model, or its torch.compile wrapper)."""
     if method == "plain":
         return model
+    if method == "compiled":
+        return torch.compile(model)
+    if method in ("revcompile-unchunked", "revcompile-compiled"):
+        import revcompile
+
+        return revcompile.make_reversible(model, **({"recompute_chunks": 1} if method == "revcompile-unchunked" else
+                                                    {"compile": True}))
+    if method == "revcompile-backend":
+        import revcompile.backend  # registers the backend
+
+        return torch.compile(model, backend="revcompile")
     if method == "checkpointing":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -73,7 +92,7 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         import revcompile
 
         return revcompile.make_reversible(model, method.partition(":")[2] or "symplectic")
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(SPEED_METHODS)}")
 
 
 def rss_bytes(field: str) -> int:
@@ -114,12 +133,12 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         model = tiny_model_from_config(cfg)
     model = model.to(device=device, dtype=getattr(torch, dtype))
     model.config.use_cache = False
-    prepare(model, method)
+    forward = prepare(model, method)
     model.train()
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
 
     def step():
-        loss = model(ids, labels=ids).loss
+        loss = forward(ids, labels=ids).loss
         loss.backward()
         return float(loss)
 

@@ -1,0 +1,259 @@
+"""Training-step time of plain eager, plain torch.compile, HF activation checkpointing, torch selective
+checkpointing, revcompile eager and revcompile compiled, side by side in one run, as ratios to plain eager; and
+the FLOPs of a step (torch.utils.flop_counter.FlopCounterMode).
+
+    python bench/speed.py                         # CPU -> bench/results/speed_cpu.{md,json,png}
+    python bench/speed.py --device cuda --dtype bfloat16   # on a GPU (a larger config) -> speed_cuda.*
+    python bench/speed.py --small --out /tmp/s    # a dry run of the script, tiny config
+    python bench/speed.py --profile               # also: where the time of a step goes, per method
+
+Config (compute dominates): tiny Mixtral, hidden 256, 4 layers, 8 heads, 4 experts top-2 (intermediate 512),
+Hugging Face's "grouped_mm" experts (the "eager" ones break Dynamo's graph), sdpa attention, fp32, batch 4 x 512
+tokens. Every method's model is built from the same seed in this one process; after warm-up steps (compilation
+included) the methods take turns, one step each, `--rounds` times, and a method's figure is its median step.
+NOTE: on CPU the process runs with glibc told to keep the memory it frees (`MALLOC_MMAP_THRESHOLD_`,
+`MALLOC_TRIM_THRESHOLD_`), as CUDA's caching allocator does: otherwise the step of a method that allocates more
+(plain training) is timed mostly by page faults of memory handed back to the kernel and taken again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from revcompile.measure import METHOD_LABELS, SPEED_METHODS, prepare
+from revcompile.models import tiny_config, tiny_model_from_config
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CONFIG = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+          "num_key_value_heads": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 1024,
+          "max_position_embeddings": 1024, "batch": 4, "seq": 512}
+# on a GPU the CPU config would time kernel launches: a model a GPU has to work on
+CUDA_CONFIG = dict(CONFIG, hidden_size=1024, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=16, num_local_experts=8, vocab_size=32000, max_position_embeddings=2048,
+                   batch=8, seq=1024)
+SMALL = dict(CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, batch=2, seq=32)
+EAGER = ("plain", "checkpointing", "selective", "revcompile", "revcompile-unchunked")  # FlopCounterMode sees these
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+class _Global:
+    """Stands in for FlopCounterMode's ModuleTracker: only the total is needed here.
+
+    NOTE: the tracker hooks every module call and registers gradient hooks on its inputs, which fails inside a
+    custom autograd Function (a no-grad view of a tensor that requires grad has no grad_fn) and breaks
+    `torch.autograd.grad` in its backward (gradient hooks on leaves); checkpointing's recompute is not affected.
+    """
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+class Trainer:
+    """One method's model and a training step of it (forward, backward, gradients kept allocated)."""
+
+    def __init__(self, method: str, config: dict, device: str, dtype: torch.dtype = torch.float32):
+        model_config = {k: v for k, v in config.items() if k not in ("batch", "seq")}
+        torch.manual_seed(0)
+        cfg = tiny_config("mixtral", attn_implementation="sdpa", experts_implementation="grouped_mm", **model_config)
+        self.model = tiny_model_from_config(cfg).to(device=device, dtype=dtype)
+        self.model.config.use_cache = False
+        self.forward = prepare(self.model, method)
+        self.model.train()
+        self.ids = torch.randint(3, cfg.vocab_size, (config["batch"], config["seq"]),
+                                 generator=torch.Generator().manual_seed(1)).to(device)
+        self.cuda = device.startswith("cuda")
+
+    def step(self) -> float:
+        """One training step; its wall time in seconds."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.forward(self.ids, labels=self.ids).loss.backward()
+        if self.cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        self.model.zero_grad(set_to_none=False)
+        return elapsed
+
+    def flops(self) -> int:
+        """FLOPs of one training step."""
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = _Global()
+        with counter:
+            self.forward(self.ids, labels=self.ids).loss.backward()
+        self.model.zero_grad(set_to_none=False)
+        return counter.get_total_flops()
+
+    def layer_forward_flops(self) -> int:
+        """FLOPs of the decoder layers in one forward (what a recompute of every layer costs)."""
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self.forward(self.ids, labels=self.ids)
+        return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                   if re.search(r"\.layers\.\d+$", name))
+
+
+def profile_table(trainers: dict[str, Trainer], methods: list[str], steps: int = 2, rows: int = 15) -> str:
+    """Self time per op (ms per step, calls per step) of each method's steps, under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    per_method = {}
+    for method in methods:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                trainers[method].step()
+        per_method[method] = {e.key: (e.self_device_time_total if trainers[method].cuda else e.self_cpu_time_total,
+                                      e.count) for e in prof.key_averages()}
+    ops = sorted(set().union(*per_method.values()),
+                 key=lambda k: -max(p.get(k, (0, 0))[0] for p in per_method.values()))[:rows]
+    table = [[op[:60], *(f"{per_method[m].get(op, (0, 0))[0] / 1e3 / steps:.1f} ({per_method[m].get(op, (0, 0))[1] // steps})"
+                         for m in methods)] for op in ops]
+    totals = ["all ops", *(f"{sum(v[0] for v in per_method[m].values()) / 1e3 / steps:.1f}" for m in methods)]
+    return tabulate([*table, totals], headers=["op: self ms per step (calls)", *methods], tablefmt="github")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    config = SMALL if args.small else CUDA_CONFIG if args.device.startswith("cuda") else CONFIG
+    trainers = {}
+    for method in args.methods:
+        trainers[method] = Trainer(method, config, args.device, getattr(torch, args.dtype))
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            trainers[method].step()
+        print(f"{method}: ready ({time.perf_counter() - start:.1f} s of warm-up steps)", flush=True)
+    times = {m: [] for m in args.methods}
+    for r in range(args.rounds):
+        order = args.methods[r % len(args.methods):] + args.methods[:r % len(args.methods)]  # turns rotate
+        for method in order:
+            times[method].append(trainers[method].step())
+    flops = {m: trainers[m].flops() for m in args.methods if m in EAGER}
+    layer_flops = trainers["plain"].layer_forward_flops() if "plain" in trainers else None
+    result = {"config": config, "device": args.device, "dtype": args.dtype, "rounds": args.rounds, "times": times, "flops": flops,
+              "layer_forward_flops": layer_flops, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.profile:
+        result["profile"] = profile_table(trainers, [m for m in ("plain", "checkpointing", "revcompile",
+                                                                 "revcompile-unchunked", "compiled",
+                                                                 "revcompile-compiled") if m in trainers])
+    return result
+
+
+def report(result: dict, stem: str, command: str) -> str:
+    times, flops, fwd = result["times"], result["flops"], result["layer_forward_flops"]
+    methods = list(times)
+    median = {m: statistics.median(times[m]) for m in methods}
+    base = median.get("plain")
+    rows = []
+    for m in methods:
+        row = [METHOD_LABELS[m], f"{median[m] * 1e3:.0f}", f"{median[m] / base:.2f}" if base else "",
+               f"{min(times[m]) * 1e3:.0f}-{max(times[m]) * 1e3:.0f}"]
+        if m in flops and "plain" in flops:
+            row += [f"{flops[m] / 1e9:.2f}", f"{flops[m] / flops['plain']:.2f}",
+                    f"{(flops[m] - flops['plain']) / fwd:+.2f}" if fwd else ""]
+        else:
+            row += ["", "", ""]
+        rows.append(row)
+    table = tabulate(rows, headers=["method", "median step ms", "time vs plain eager", "range ms", "GFLOP / step",
+                                    "FLOPs vs plain", "extra FLOPs / layers' forward"], tablefmt="github")
+    goals = []
+    if base:
+        ratio = {m: median[m] / base for m in methods}
+
+        def goal(text: str, value: float, limit: float) -> str:
+            return f"{text}: {value:.2f} (goal <= {limit:.2f}, {'met' if value <= limit else 'MISSED'})"
+
+        if "revcompile" in ratio:
+            goals.append(goal("revcompile eager / plain eager", ratio["revcompile"], 1.35))
+            if "checkpointing" in ratio:
+                goals.append(goal("revcompile eager / HF checkpointing", median["revcompile"] / median["checkpointing"],
+                                  1.05))
+        if "revcompile-unchunked" in ratio and "checkpointing" in ratio:
+            goals.append(f"revcompile eager with recompute_chunks=1 / HF checkpointing: "
+                         f"{median['revcompile-unchunked'] / median['checkpointing']:.2f}")
+        if "revcompile-compiled" in ratio:
+            goals.append(goal("revcompile compiled / plain eager", ratio["revcompile-compiled"], 1.0))
+        if "revcompile-backend" in ratio:
+            goals.append(goal('torch.compile(backend="revcompile") / plain eager', ratio["revcompile-backend"], 1.0))
+    cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
+    text = (f"# Training-step time ({result['device']})\n\n`{command}`; tiny Mixtral, {cfg}, grouped_mm experts, sdpa, "
+            f"{result.get('dtype', 'float32')}, torch {result['torch']}, {result['threads']} threads. Median of {result['rounds']} steps per "
+            "method after warm-up, the methods taking turns; FLOPs of one step by FlopCounterMode (eager methods; "
+            "compiled ones run the same arithmetic); the last column is the FLOPs a method adds to plain training, in units "
+            "of one forward of the decoder layers (1.0: one extra forward).\n\n"
+            f"{table}\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
+    if "profile" in result:
+        text += ("\n## Where the time goes\n\ntorch.profiler over two steps of each method: self time per op, per "
+                 "step (calls per step in brackets); Python time outside ops is in no row, so totals fall short of "
+                 f"the step.\n\n{result['profile']}\n")
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ys = range(len(methods))[::-1]
+    ax.barh(ys, [median[m] / base for m in methods], tick_label=[METHOD_LABELS[m] for m in methods],
+            color=["tab:orange" if m.startswith("revcompile") else "tab:gray" for m in methods], label="step time")
+    ax.scatter([flops[m] / flops["plain"] for m in methods if m in flops and "plain" in flops],
+               [y for y, m in zip(ys, methods) if m in flops and "plain" in flops], marker="D", color="black",
+               zorder=3, label="FLOPs")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.axvline(1.35, color="tab:red", ls=":", lw=1, label="goal for revcompile eager (1.35)")
+    ax.set(xlabel="ratio to plain eager training (median step)", title=f"Training step, tiny Mixtral ({result['device']})")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlim(0, 1.45 * max(median[m] / base for m in methods))
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(SPEED_METHODS), choices=SPEED_METHODS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="the weights' dtype (bfloat16 on a GPU, say)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per method (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (compilation)")
+    parser.add_argument("--small", action="store_true", help="a tiny config: a dry run of the script")
+    parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per method")
+    parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
+    parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
+    args = parser.parse_args()
+    if args.device == "cpu" and not args.from_json and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})  # see NOTE above
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        result = measure(args)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"speed_{result['device'].split(':')[0]}")
+    command = "python bench/speed.py" + (f" --device {args.device}" if args.device != "cpu" else "") + \
+        (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + \
+        (" --small" if args.small else "") + (" --profile" if args.profile else "")
+    text = report(result, stem, command)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
