@@ -70,6 +70,7 @@ __all__ = ["CompileOnFirstCall", "GraphLayer", "revcompile_backend"]
 
 log = logging.getLogger(__name__)
 
+_ROOT = "L['self']."  # how Dynamo names the compiled module in nn_module_stack
 _INDEXED = re.compile(r"^(?P<stack>.+?)(?:\.(?P<dot>\d+)|\[(?P<bracket>\d+)\])$")  # "L['self'].model.layers.3"
 
 
@@ -182,8 +183,9 @@ def _layer_graph(layer: _Layer, hidden: fx.Node, inputs: list[fx.Node]) -> fx.Gr
     return graph
 
 
-def _cut(layer: _Layer, position: dict[fx.Node, int], previous: fx.Node | None) -> fx.Graph:
-    """Fill in the layer's hidden input and inputs; its graph, or NotReversible with the reason."""
+def _cut(layer: _Layer, position: dict[fx.Node, int], previous: fx.Node | None) -> tuple[fx.Graph, list[Residual]]:
+    """Fill in the layer's hidden input and inputs; (its graph, its residual chain), or NotReversible with the
+    reason."""
     places = [position[n] for n in layer.nodes]
     if max(places) - min(places) + 1 != len(places):
         raise NotReversible("its operations interleave with other code in the graph")
@@ -204,7 +206,7 @@ def _cut(layer: _Layer, position: dict[fx.Node, int], previous: fx.Node | None) 
             reason = f"found {len(chain)} residual branches; a pair is an attention branch followed by an FFN/MoE one"
             continue
         layer.hidden, layer.inputs = hidden, others
-        return graph
+        return graph, chain
     raise NotReversible(reason)
 
 
@@ -303,9 +305,6 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
     return result
 
 
-_ROOT = "L['self']."
-
-
 class _Converter:
     """Converts one Dynamo graph: analysis, rewrite, compile (see the module docstring)."""
 
@@ -322,17 +321,16 @@ class _Converter:
         if not stacks:
             raise NotConvertible("no layer stack in it (no nodes from a module called as <list>.<index>)")
         position = {node: i for i, node in enumerate(self.gm.graph.nodes)}
-        structures: dict[str, _Structure | NotReversible] = {}
+        structures: dict[str, _Structure] = {}
         layers = [layer for stack in stacks.values() for layer in stack]
         for stack in stacks.values():
             previous = None
             for layer in stack:
                 if layer.structure is None:
                     try:
-                        graph = _cut(layer, position, previous)
+                        graph, chain = _cut(layer, position, previous)
                         key = fx.GraphModule(self.gm, graph).code
                         if key not in structures:
-                            chain = find_residual_chain(graph, "hidden")
                             trace = LayerTrace(graph, "hidden", tuple((f"input_{k}", ...)
                                                                       for k in range(len(layer.inputs))))
                             structures[key] = _Structure(graph, chain, [branch_graph_of(trace, r) for r in chain])
@@ -448,7 +446,9 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     with _use_lazy_graph_module(False):
         try:
             runs = converter.analyze()
-        except NotConvertible as reason:
+        except Exception as err:  # noqa: BLE001  (a graph the passes do not understand is left alone)
+            reason = err if isinstance(err, NotConvertible) else \
+                f"analysis failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]})"
             log.warning("revcompile backend: graph of %d nodes goes to Inductor unchanged: %s",
                         len(gm.graph.nodes), reason)
             return compile_fx(gm, example_inputs)
