@@ -6,7 +6,7 @@ Example:
     >>> model(ids, labels=ids).loss.backward()     # backward rebuilds each layer's input from its output
 """
 
-from . import backend  # registers the torch.compile backend "revcompile"
+from . import backend  # noqa: F401  (registers the torch.compile backend "revcompile")
 from .api import analyze, converted_layers, disable_inversion, inversion_report, make_reversible, undo
 from .check import CheckReport, check
 from .coupling import Scheme, Step
