@@ -27,7 +27,7 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
-                    example_inputs: Any = None, recompute_chunks: int = 4, max_run: int | None = None,
+                    example_inputs: Any = None, recompute_chunks: int | None = None, max_run: int | None = None,
                     compile: bool = False, **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
@@ -43,7 +43,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                      compounds (MEFT, bf16), and make function-changing schemes closer to the original
                      (symplectic with max_run=1 is exactly the original model).
     recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
-                     sequence at a time, dividing its working set (1: in one piece).
+                     sequence at a time, dividing its working set (1: in one piece; None: 4 on CPU, 1 on CUDA,
+                     where slicing costs more time than it saves memory: see replay.AUTO_CHUNKS).
     compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
                      compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
 
@@ -54,8 +55,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     value, or a model with no residual pair.
     """
     scheme = get_scheme(scheme, **options)
-    if not isinstance(recompute_chunks, int) or recompute_chunks < 1:
-        raise RevcompileError(f"recompute_chunks must be a positive integer, got {recompute_chunks!r}")
+    if recompute_chunks is not None and (not isinstance(recompute_chunks, int) or recompute_chunks < 1):
+        raise RevcompileError(f"recompute_chunks must be a positive integer or None, got {recompute_chunks!r}")
     if max_run is not None and (not isinstance(max_run, int) or max_run < 1):
         raise RevcompileError(f"max_run must be a positive integer or None, got {max_run!r}")
     plan = analyze(model, example_inputs)

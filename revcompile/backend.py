@@ -308,7 +308,7 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
 class _Converter:
     """Converts one Dynamo graph: analysis, rewrite, compile (see the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, scheme: Scheme, recompute_chunks: int):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, scheme: Scheme, recompute_chunks: int | None):
         self.gm, self.example_inputs, self.scheme, self.chunks = gm, example_inputs, scheme, recompute_chunks
         self.compiled: dict[str, nn.Module] = {}  # branch graph code -> its compiled module, shared by layers
 
@@ -426,11 +426,11 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     """The Dynamo backend: convert the graph's residual pairs into reversible couplings, compile the rest.
 
     options (torch.compile's `options=`): "scheme" (a name or Scheme, default "symplectic"), "recompute_chunks"
-    (default 4), as for make_reversible.
+    (default None: by device), as for make_reversible.
     """
     options = dict(options or {})
     scheme = get_scheme(options.pop("scheme", "symplectic"))
-    chunks = options.pop("recompute_chunks", 4)
+    chunks = options.pop("recompute_chunks", None)
     if options:
         raise RevcompileError(f"unknown revcompile backend options {sorted(options)}; it takes scheme and "
                               "recompute_chunks")

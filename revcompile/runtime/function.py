@@ -85,7 +85,7 @@ class CouplingCall:
     observe: Callable[[torch.Tensor], None] | None = None  # check(): called with the rebuilt input in backward
     router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
-    chunks: dict[str, int] = field(default_factory=dict)  # branch -> pieces its recompute is split into
+    chunks: dict[str, int | None] = field(default_factory=dict)  # branch -> pieces of its recompute (None: auto)
     replays: list[Replay] | None = None
     stored: list[torch.Tensor | None] | None = None  # per step: its input, kept where fixed-point inversion failed
 

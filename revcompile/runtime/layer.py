@@ -88,7 +88,7 @@ def _slot_of(hidden: torch.Tensor) -> Slot | None:
     return slot
 
 
-def chunks_by_branch(scheme: Scheme, splits_by_token: list[bool], chunks: int) -> dict[str, int]:
+def chunks_by_branch(scheme: Scheme, splits_by_token: list[bool], chunks: int | None) -> dict[str, int | None]:
     """branch -> pieces its recompute is split into: `chunks` for a branch made only of token-wise roles."""
     token_wise = {role for role, splits in zip(PAIR_ROLES, splits_by_token) if splits}
     return {name: chunks for name, roles in scheme.branch_roles.items() if roles and set(roles) <= token_wise}
