@@ -127,8 +127,12 @@ def profile_table(trainers: dict[str, Trainer], methods: list[str], steps: int =
                                       e.count) for e in prof.key_averages()}
     ops = sorted(set().union(*per_method.values()),
                  key=lambda k: -max(p.get(k, (0, 0))[0] for p in per_method.values()))[:rows]
-    table = [[op[:60], *(f"{per_method[m].get(op, (0, 0))[0] / 1e3 / steps:.1f} ({per_method[m].get(op, (0, 0))[1] // steps})"
-                         for m in methods)] for op in ops]
+
+    def cell(method: str, op: str) -> str:
+        self_time, calls = per_method[method].get(op, (0, 0))
+        return f"{self_time / 1e3 / steps:.1f} ({calls // steps})"
+
+    table = [[op[:60], *(cell(m, op) for m in methods)] for op in ops]
     totals = ["all ops", *(f"{sum(v[0] for v in per_method[m].values()) / 1e3 / steps:.1f}" for m in methods)]
     return tabulate([*table, totals], headers=["op: self ms per step (calls)", *methods], tablefmt="github")
 
@@ -149,7 +153,8 @@ def measure(args: argparse.Namespace) -> dict:
             times[method].append(trainers[method].step())
     flops = {m: trainers[m].flops() for m in args.methods if m in EAGER}
     layer_flops = trainers["plain"].layer_forward_flops() if "plain" in trainers else None
-    result = {"config": config, "device": args.device, "dtype": args.dtype, "rounds": args.rounds, "times": times, "flops": flops,
+    result = {"config": config, "device": args.device, "dtype": args.dtype, "rounds": args.rounds, "times": times,
+              "flops": flops,
               "layer_forward_flops": layer_flops, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.profile:
         result["profile"] = profile_table(trainers, [m for m in ("plain", "checkpointing", "revcompile",
@@ -196,9 +201,11 @@ def report(result: dict, stem: str, command: str) -> str:
             goals.append(goal('torch.compile(backend="revcompile") / plain eager', ratio["revcompile-backend"], 1.0))
     cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
     text = (f"# Training-step time ({result['device']})\n\n`{command}`; tiny Mixtral, {cfg}, grouped_mm experts, sdpa, "
-            f"{result.get('dtype', 'float32')}, torch {result['torch']}, {result['threads']} threads. Median of {result['rounds']} steps per "
+            f"{result.get('dtype', 'float32')}, torch {result['torch']}, {result['threads']} threads. "
+            f"Median of {result['rounds']} steps per "
             "method after warm-up, the methods taking turns; FLOPs of one step by FlopCounterMode (eager methods; "
-            "compiled ones run the same arithmetic); the last column is the FLOPs a method adds to plain training, in units "
+            "compiled ones run the same arithmetic); the last column is the FLOPs a method adds to plain training, "
+            "in units "
             "of one forward of the decoder layers (1.0: one extra forward).\n\n"
             f"{table}\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
     if "profile" in result:
@@ -214,7 +221,8 @@ def report(result: dict, stem: str, command: str) -> str:
                zorder=3, label="FLOPs")
     ax.axvline(1.0, color="black", lw=0.8)
     ax.axvline(1.35, color="tab:red", ls=":", lw=1, label="goal for revcompile eager (1.35)")
-    ax.set(xlabel="ratio to plain eager training (median step)", title=f"Training step, tiny Mixtral ({result['device']})")
+    ax.set(xlabel="ratio to plain eager training (median step)",
+           title=f"Training step, tiny Mixtral ({result['device']})")
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlim(0, 1.45 * max(median[m] / base for m in methods))
     ax.legend(loc="upper right", fontsize=8)
@@ -235,7 +243,8 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
-    if args.device == "cpu" and not args.from_json and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+    allocator_unset = any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items())
+    if args.device == "cpu" and not args.from_json and allocator_unset:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})  # see NOTE above
     if args.from_json:
         with open(args.from_json) as f:
