@@ -152,10 +152,10 @@ class Scheme:
                   (None with a split open).
     output_order: a permutation applied after the steps: the next layer's stream streams[i] is this layer's
                   output_order[i] (MEFT's [y2, y1], the midpoint's (prev, cur) -> (cur, next)).
-    branches:     the branch names the steps use; "attn" and "mlp" are the pair's own branches, others are built
-                  by `compose` from them (and from the modules `new_modules` adds to the layer).
-    branch_roles: which of the pair's branches each branch runs ("attn", "mlp"): a branch made only of token-wise
-                  ones is recomputed a slice of the sequence at a time.
+    branch_roles: the branches the steps use, and which of the pair's own branches ("attn", "mlp") each runs;
+                  branches other than the pair's own are built by `compose` from them (and from the modules
+                  `new_modules` adds to the layer). A branch made only of token-wise ones is recomputed a slice of
+                  the sequence at a time.
     tol, max_iters: the fixed-point inversion of implicit steps (tol None: DEFAULT_TOLERANCE by dtype).
     """
 
@@ -166,7 +166,6 @@ class Scheme:
     merge: Mapping[str, float] | None
     description: str = ""
     output_order: tuple[str, ...] | None = None
-    branches: tuple[str, ...] = ("attn", "mlp")
     branch_roles: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"attn": ("attn",), "mlp": ("mlp",)})
     compose: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]] | None = None
     new_modules: Callable[[int], dict[str, Any]] | None = None
@@ -191,8 +190,11 @@ class Scheme:
             used = {step.target, *step.reads, *(s for s, _ in step.mix)}
             if not used <= names or step.branch not in self.branches:
                 raise RevcompileError(f"scheme {self.name!r}: step {step} names an unknown stream or branch")
-        if set(self.branch_roles) != set(self.branches):
-            raise RevcompileError(f"scheme {self.name!r}: branch_roles must name the roles of every branch")
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The branch names the steps may use."""
+        return tuple(self.branch_roles)
 
     @property
     def implicit(self) -> bool:

@@ -62,14 +62,6 @@ class AdapterBranch(nn.Module):
         return self.adapter(x)
 
 
-def selection(rows: int, cols: int, offset: int, repeat: bool = False) -> torch.Tensor:
-    """A 0/1 matrix picking `rows` features starting at `offset` out of `cols` (or tiling them when `repeat`)."""
-    weight = torch.zeros(rows, cols)
-    for i in range(rows):
-        weight[i, (i % cols) if repeat else offset + i] = 1
-    return weight
-
-
 class HalfWidthAttention(nn.Module):
     """RevFFN's cross-branch attention on half-width streams: P_out(A([x1, x2])), A the pretrained attention."""
 

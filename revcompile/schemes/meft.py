@@ -53,7 +53,7 @@ class MEFTConfig(SchemeConfig):
         return Scheme(
             name=self.name, streams=("x1", "x2"), open={"x1": 1.0, "x2": 1.0}, steps=steps,
             merge={main: 1.0} if self.merge == "main" else {"x1": 0.5, "x2": 0.5}, output_order=output_order,
-            branches=tuple(branch_roles), branch_roles=branch_roles, compose=compose, new_modules=self.new_modules,
+            branch_roles=branch_roles, compose=compose, new_modules=self.new_modules,
             description=description)
 
 

@@ -20,10 +20,11 @@ from ..coupling import Scheme, Step
 from .branches import LayerUpdate
 from .config import SchemeConfig
 
+
 def _integrator(name: str, step: Step, description: str) -> Scheme:
     """A two-stream integrator step over the whole layer's update, then (prev, cur) <- (cur, next)."""
     return Scheme(name=name, streams=("prev", "cur"), open={"prev": 1.0, "cur": 1.0}, steps=(step,),
-                  merge={"cur": 1.0}, output_order=("cur", "prev"), branches=("layer",),
+                  merge={"cur": 1.0}, output_order=("cur", "prev"),
                   branch_roles={"layer": ("attn", "mlp")},
                   compose=lambda roles, extra: {"layer": LayerUpdate(roles["attn"], roles["mlp"])},
                   description=description)

@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from ..coupling import Scheme, Step
-from .branches import HalfWidthAttention, HalfWidthExperts, selection
+from .branches import HalfWidthAttention, HalfWidthExperts
 from .config import SchemeConfig, check_solver
 
 
-def _projection(rows: int, cols: int, offset: int = 0, repeat: bool = False) -> nn.Linear:
-    linear = nn.Linear(cols, rows, bias=False)
+def _projection(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free Linear starting at the 0/1 matrix `weight` (out x in)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
-        linear.weight.copy_(selection(rows, cols, offset, repeat))
+        linear.weight.copy_(weight)
     return linear
 
 
@@ -46,9 +47,10 @@ class RevFFNConfig(SchemeConfig):
 
     def new_modules(self, hidden: int) -> dict:
         self.require(hidden % 2 == 0, f"the hidden size must be even to split it in halves, got {hidden}")
-        half = hidden // 2
-        return {"p_out_attn": _projection(half, hidden), "p_in_mlp": _projection(hidden, half, repeat=True),
-                "p_out_mlp": _projection(half, hidden, offset=half)}
+        half, eye = hidden // 2, torch.eye(hidden)
+        return {"p_out_attn": _projection(eye[:half]),  # take the first half
+                "p_in_mlp": _projection(torch.eye(half).repeat(2, 1)),  # repeat the half twice
+                "p_out_mlp": _projection(eye[half:])}  # take the second half
 
     def scheme(self) -> Scheme:
         return Scheme(
