@@ -11,7 +11,8 @@ standard-library sources (pretrained first if the cache is empty). Per scheme:
 - peak memory and time of one training step (batch 4 x 512 tokens, fp32) relative to plain training, each in a
   child process (revcompile/measure.py);
 - precision: `revcompile.check` in fp32, with bf16 weights, and with fp32 weights under bf16 autocast: the worst
-  relative error of a rebuilt layer input and of a layer's gradients, over the 8 layers;
+  relative error of a rebuilt layer input and of a layer's gradients, over the 8 layers, with exact (integer)
+  streams where the scheme allows them and with float streams;
 - fixed_point and revffn: the fraction of fixed-point inversions that converged in forward (the rest kept their
   input).
 """
@@ -40,6 +41,8 @@ import revcompile  # noqa: E402
 from revcompile.data import byte_batches, stdlib_text  # noqa: E402
 from revcompile.measure import measure_step  # noqa: E402
 from revcompile.pretrained import CACHE, PRETRAIN_MODULES, load_pretrained  # noqa: E402
+from revcompile.runtime.streams import exact_refusal  # noqa: E402
+from revcompile.schemes import get_scheme  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HELD_OUT = ["shlex", "fnmatch", "difflib"]
@@ -54,18 +57,30 @@ def converged_fraction(model) -> float | None:
     return solved / (solved + stored)
 
 
+PRECISIONS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("autocast", torch.float32, torch.bfloat16))
+
+
 def precision(original, scheme: str, ids: torch.Tensor) -> dict:
-    """Worst rebuilt-input and gradient errors over the layers: fp32, bf16 weights, fp32 weights under bf16 autocast."""
+    """Worst rebuilt-input and gradient errors over the layers: fp32, bf16 weights, fp32 weights under bf16 autocast;
+    with exact streams (where the scheme allows them) and with float streams."""
     figures = {}
-    for label, dtype, autocast in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-                                   ("autocast", torch.float32, torch.bfloat16)):
-        model = revcompile.make_reversible(copy.deepcopy(original).to(dtype), scheme)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # check() warns past the tolerance: the table shows it instead
-            report = revcompile.check(model, ids, autocast=autocast)
-        figures[f"{label}_input_error"] = report.worst_input_error
-        figures[f"{label}_grad_error"] = report.worst_grad_error
+    modes = ("exact", "float") if exact_refusal(get_scheme(scheme)) is None else ("float",)
+    for mode in modes:
+        for label, dtype, autocast in PRECISIONS:
+            model = revcompile.make_reversible(copy.deepcopy(original).to(dtype), scheme, exact=mode == "exact")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # check() warns past the tolerance: the table shows it instead
+                report = revcompile.check(model, ids, autocast=autocast)
+            figures[f"{label}_{mode}"] = [report.worst_input_error, report.worst_grad_error, report.exact]
     return figures
+
+
+def _precision_cell(r: dict, label: str) -> str:
+    """"exact / 2.1e-3 (float: 0.81 / 0.77)": rebuilt-input error ("exact": bit for bit) / gradient error."""
+    def pair(figures):
+        return f"{'exact' if figures[2] else f'{figures[0]:.2g}'} / {figures[1]:.2g}"
+    cell = pair(r[f"{label}_float"])
+    return f"{pair(r[f'{label}_exact'])} (float: {cell})" if f"{label}_exact" in r else f"float: {cell}"
 
 
 def scheme_figures(original, scheme: str, held_out, train, ids, args) -> dict:
@@ -96,15 +111,12 @@ def write(results: list[dict], plain: dict, args) -> None:
     rows = []
     for r in results:
         rows.append([r["scheme"], r["kl_converted"], r["kl_distilled"], r["peak_mb"] / plain["peak_mb"],
-                     r["step_s"] / plain["step_s"], r["fp32_input_error"], r["fp32_grad_error"],
-                     r["bf16_input_error"], r["bf16_grad_error"],
-                     r["autocast_input_error"], r["autocast_grad_error"],
+                     r["step_s"] / plain["step_s"], *(_precision_cell(r, label) for label, _, _ in PRECISIONS),
                      "" if r["converged"] is None else f"{r['converged']:.2f}"])
     table = tabulate(rows, headers=["scheme", "KL at conversion", f"KL after {args.distill_steps} distill steps",
-                                    "memory vs plain", "time vs plain", "fp32 input err", "fp32 grad err",
-                                    "bf16 input err", "bf16 grad err",
-                                    "autocast input err", "autocast grad err", "fixed point converged"],
-                     tablefmt="github", floatfmt=".3g")
+                                    "memory vs plain", "time vs plain", "fp32: input / grad err",
+                                    "bf16 weights: input / grad err", "bf16 autocast: input / grad err",
+                                    "fixed point converged"], tablefmt="github", floatfmt=".3g")
     text = ("# Schemes on the pretrained tiny MoE\n\n"
             f"`python bench/schemes.py{' --small' if args.small else ''}`: the Mixtral-style MoE of "
             "examples/pretrain_tiny_moe.py (8 layers, hidden 128, 4 experts top-2, pretrained on standard-library "
@@ -112,8 +124,10 @@ def write(results: list[dict], plain: dict, args) -> None:
             f"Memory and time: one training step, batch {args.batch} x {args.seq} tokens, fp32, CPU, relative to "
             f"plain training ({plain['peak_mb']:.1f} MB above the pre-step level, {plain['step_s']:.2f} s; median "
             f"of {args.repeats} child processes). fp32 / bf16 (weights) / autocast (fp32 weights, bf16 "
-            "autocast): worst relative error over the 8 layers of the input backward rebuilt and of the layer's "
-            "gradients against the same model without inversion (revcompile.check).\n\n" + table + "\n")
+            "autocast): worst relative error over the 8 layers of the input backward rebuilt (\"exact\": bit for "
+            "bit) and of the layer's gradients against the same model without inversion (revcompile.check), with "
+            "exact streams (the default where the scheme allows them) and, in brackets, float streams "
+            "(exact=False).\n\n" + table + "\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "schemes.md"), "w") as f:
         f.write(text)

@@ -1,6 +1,8 @@
 """Full fine-tuning of a pretrained tiny MoE on another real-text domain, three ways, as a user would do it.
 
     python examples/finetune_moe.py          # ~5 minutes on 2 cores -> bench/results/finetune.{md,json,png}
+    python examples/finetune_moe.py --dtype bfloat16 --methods revcompile-reference revcompile revcompile-float \
+        --seeds 0 1 --steps 150                 # bf16 weights -> bench/results/finetune_bfloat16.{md,json,png}
 
 The model is the tiny Mixtral-style MoE that examples/pretrain_tiny_moe.py pretrains on the standard library's
 sources (it is pretrained first if the cache is empty). It is fine-tuned, every parameter, on English prose: the
@@ -10,8 +12,13 @@ help topics that ship with Python (`pydoc_data`), with the same seed, batches an
 - revcompile (default scheme, converted from the pretrained model).
 Each method runs in a child process of its own (glibc's mmap threshold fixed, as in revcompile/measure.py), so
 its peak RSS above the level before training (gradients, optimizer state and activations: everything training
-adds to the loaded model) is its own. The table reports held-out loss before and after, its ratio to plain
-training, that peak and the time.
+adds to the loaded model) is its own. The table reports held-out loss before and after, its ratio to the first
+method's, that peak and the time; the plot shows the held-out loss every `--eval-every` steps.
+
+With `--dtype bfloat16` (weights and optimizer state in bf16) and `--seeds`, the question is whether reversible
+training in bf16 follows the same model trained with ordinary autograd: `revcompile-reference` (the converted model,
+`invert=False`) under each seed gives the run-to-run noise band, `revcompile` (exact streams, the default) and
+`revcompile-float` (exact=False) are run with the first seed.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from revcompile.pretrained import load_pretrained  # noqa: E402
 from revcompile.data import byte_batches, pydoc_text  # noqa: E402
-from revcompile.measure import METHOD_LABELS, prepare, reset_peak_rss, rss_bytes  # noqa: E402
+from revcompile.measure import METHOD_LABELS, SPEED_METHODS, prepare, reset_peak_rss, rss_bytes  # noqa: E402
 
 RESULTS = os.path.join(HERE, "..", "bench", "results")
 METHODS = ("plain", "checkpointing", "revcompile")
@@ -51,26 +58,28 @@ def held_out_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 def finetune(pretrained: torch.nn.Module, method: str, train: list[torch.Tensor], held_out: list[torch.Tensor],
-             lr: float) -> dict:
-    model = prepare(copy.deepcopy(pretrained), method)
+             lr: float, dtype: torch.dtype, seed: int, eval_every: int) -> dict:
+    model = prepare(copy.deepcopy(pretrained).to(dtype), method)
     before = held_out_loss(model, held_out)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    losses = []
+    losses, curve = [], [(0, before)]
     base = rss_bytes("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()
-    for ids in tqdm(train, desc=METHOD_LABELS[method], mininterval=5):
+    for step, ids in enumerate(tqdm(train, desc=METHOD_LABELS[method], mininterval=5), 1):
         loss = model(ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss))
+        if step % eval_every == 0:
+            curve.append((step, held_out_loss(model, held_out)))
     seconds = time.perf_counter() - start
     peak_mb = (rss_bytes("VmHWM") - base) / 2**20
-    return dict(method=method, held_out_before=before, held_out_after=held_out_loss(model, held_out),
-                losses=losses, peak_mb=peak_mb, seconds=seconds)
+    return dict(method=method, seed=seed, held_out_before=before, held_out_after=held_out_loss(model, held_out),
+                losses=losses, curve=curve, peak_mb=peak_mb, seconds=seconds)
 
 
 def main() -> None:
@@ -79,50 +88,58 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=SPEED_METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the batch order and initial state; the first method runs under each")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     parser.add_argument("--out", default=RESULTS)
-    parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # "method:seed", in a child process
     args = parser.parse_args()
 
     if args.only:
+        method, seed = args.only.split(":")
         text = pydoc_text()
         split = int(len(text) * 0.9)
-        train = byte_batches(text[:split], args.batch, args.seq, args.steps, seed=1)
+        train = byte_batches(text[:split], args.batch, args.seq, args.steps, seed=1 + int(seed))
         held_out = byte_batches(text[split:], 8, args.seq, 8, seed=2)
-        print(json.dumps(finetune(load_pretrained(), args.only, train, held_out, args.lr)))
+        print(json.dumps(finetune(load_pretrained(), method, train, held_out, args.lr, getattr(torch, args.dtype),
+                                  int(seed), args.eval_every)))
         return
     load_pretrained()  # pretrain once, here, if the cache is empty
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     runs = []
-    for method in METHODS:
-        child = subprocess.run([sys.executable, __file__, "--only", method, *sys.argv[1:]], env=env, check=True,
-                               stdout=subprocess.PIPE, text=True)
+    jobs = [(args.methods[0], seed) for seed in args.seeds] + [(m, args.seeds[0]) for m in args.methods[1:]]
+    for method, seed in jobs:
+        child = subprocess.run([sys.executable, __file__, "--only", f"{method}:{seed}", *sys.argv[1:]], env=env,
+                               check=True, stdout=subprocess.PIPE, text=True)
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
 
-    plain = runs[0]["held_out_after"]
-    rows = [[METHOD_LABELS[r["method"]], r["held_out_before"], r["held_out_after"], r["held_out_after"] / plain,
-             r["peak_mb"], r["seconds"]] for r in runs]
-    table = tabulate(rows, headers=["method", "held-out loss before", "after", "after / plain", "peak MB",
-                                    "time s"], tablefmt="github", floatfmt=".4g")
-    text_out = (f"# Full fine-tuning of a pretrained tiny MoE on pydoc_data prose\n\n`python examples/finetune_moe.py "
-                f"--steps {args.steps}`; batch {args.batch} x {args.seq} bytes, AdamW lr {args.lr}, same seed and "
-                f"batches for every method; held-out loss in nats per byte.\n\n{table}\n")
+    first = runs[0]["held_out_after"]
+    rows = [[METHOD_LABELS[r["method"]], r["seed"], r["held_out_before"], r["held_out_after"],
+             r["held_out_after"] / first, r["peak_mb"], r["seconds"]] for r in runs]
+    table = tabulate(rows, headers=["method", "seed", "held-out loss before", "after", f"after / {args.methods[0]}",
+                                    "peak MB", "time s"], tablefmt="github", floatfmt=".4g")
+    name = "finetune" if args.dtype == "float32" else f"finetune_{args.dtype}"
+    text_out = (f"# Full fine-tuning of a pretrained tiny MoE on pydoc_data prose ({args.dtype})\n\n"
+                f"`python examples/finetune_moe.py {' '.join(sys.argv[1:])}`; batch {args.batch} x {args.seq} "
+                f"bytes, AdamW lr {args.lr}, same batches for every method of one seed; held-out loss in nats per "
+                f"byte.\n\n{table}\n")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "finetune.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text_out)
-    with open(os.path.join(args.out, "finetune.json"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(runs, f, indent=1)
     fig, ax = plt.subplots(figsize=(6, 4))
-    window = 10
     for r in runs:
-        smooth = [sum(r["losses"][max(0, i - window + 1):i + 1]) / len(r["losses"][max(0, i - window + 1):i + 1])
-                  for i in range(len(r["losses"]))]
-        ax.plot(smooth, label=METHOD_LABELS[r["method"]])
-    ax.set(xlabel="step", ylabel=f"training loss (mean of {window} steps)",
-           title="Fine-tuning a pretrained tiny MoE on pydoc_data")
+        steps, losses = zip(*r["curve"])
+        ax.plot(steps, losses, marker=".", label=f"{METHOD_LABELS[r['method']]}, seed {r['seed']}")
+    ax.set(xlabel="step", ylabel="held-out loss (nats per byte)",
+           title=f"Fine-tuning a pretrained tiny MoE on pydoc_data ({args.dtype})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "finetune.png"), dpi=120)
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120)
     print(text_out)
 
 

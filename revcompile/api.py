@@ -21,6 +21,7 @@ from .errors import RevcompileError
 from .plan import Pair, analyze
 from .runtime.compiled import BranchCompiler
 from .runtime.layer import NEW_MODULES, LayerRuntime, chunks_by_branch, disable_inversion, reversible_class
+from .runtime.streams import resolve_exact
 from .schemes import SchemeConfig, get_scheme
 
 __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report"]
@@ -28,7 +29,8 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
                     example_inputs: Any = None, recompute_chunks: int | None = None, max_run: int | None = None,
-                    compile: bool = False, **options) -> nn.Module:
+                    compile: bool = False, exact: bool | None = None, exact_headroom: int | None = None,
+                    **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.SCHEMES` and the README's guide), its config
@@ -47,6 +49,12 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                      where slicing costs more time than it saves memory: see replay.AUTO_CHUNKS).
     compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
                      compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
+    exact:           hold the streams as fixed-point integers, so that backward rebuilds every layer's input bit for
+                     bit in any dtype (bf16 included; `runtime/streams.py`). None (default): exact where the
+                     scheme's steps allow it (symplectic, midpoint, leapfrog), float streams for the others
+                     (meft*, revffn, fixed_point); True for a scheme that cannot is a RevcompileError.
+    exact_headroom:  bits of room above the largest value entering a run (None: 16 for bf16/fp16 models, 24 for
+                     fp32/fp64); a stream that outgrows it raises RevcompileError naming this option.
 
     Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
     as they are and listed in `plan.skipped`. Schemes with adapters or projections (meft*, revffn) add them to
@@ -55,6 +63,7 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     value, or a model with no residual pair.
     """
     scheme = get_scheme(scheme, **options)
+    exact = resolve_exact(scheme, exact, exact_headroom)
     if recompute_chunks is not None and (not isinstance(recompute_chunks, int) or recompute_chunks < 1):
         raise RevcompileError(f"recompute_chunks must be a positive integer or None, got {recompute_chunks!r}")
     if max_run is not None and (not isinstance(max_run, int) or max_run < 1):
@@ -82,7 +91,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                                              pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
                                              chunks=chunks_by_branch(scheme, pair.structure.splits_by_token,
-                                                                     recompute_chunks), compiler=compiler)
+                                                                     recompute_chunks), compiler=compiler,
+                                             exact=exact, exact_headroom=exact_headroom)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     model._revcompile_plan = plan

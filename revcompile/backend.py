@@ -64,6 +64,7 @@ from .runtime.layer import (
     chunks_by_branch,
     inversion_disabled,
 )
+from .runtime.streams import resolve_exact
 from .schemes import get_scheme
 
 __all__ = ["CompileOnFirstCall", "GraphLayer", "revcompile_backend"]
@@ -144,7 +145,7 @@ class GraphLayer(nn.Module):
             # NOTE: the parameters are graph inputs here, so they travel as context tensors: the Function returns
             # their gradients as it does for any context input that requires grad
             return self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True)
-        return self.runtime.run_coupled(self.coupled, hidden, values)
+        return self.runtime.run_coupled(dict(self.branches), self.coupled, hidden, values)
 
     def extra_repr(self) -> str:
         rt = self.runtime
@@ -308,8 +309,10 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
 class _Converter:
     """Converts one Dynamo graph: analysis, rewrite, compile (see the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, scheme: Scheme, recompute_chunks: int | None):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, scheme: Scheme, recompute_chunks: int | None,
+                 exact: bool, exact_headroom: int | None):
         self.gm, self.example_inputs, self.scheme, self.chunks = gm, example_inputs, scheme, recompute_chunks
+        self.exact, self.exact_headroom = exact, exact_headroom
         self.compiled: dict[str, nn.Module] = {}  # branch graph code -> its compiled module, shared by layers
 
     def analyze(self) -> list[list[_Layer]]:
@@ -389,7 +392,8 @@ class _Converter:
                 structure = layer.structure
                 roles = self._roles(structure)
                 runtime = StreamRuntime(self.scheme, is_first=i == 0, is_last=i == len(run) - 1,
-                                        chunks=chunks_by_branch(self.scheme, structure.splits_by_token, self.chunks))
+                                        chunks=chunks_by_branch(self.scheme, structure.splits_by_token, self.chunks),
+                                        exact=self.exact, exact_headroom=self.exact_headroom)
                 branches = self.scheme.compose(roles, {}) if self.scheme.compose else roles
                 names = tuple(f"input_{k}" for k in range(len(layer.inputs)))
                 target = f"revcompile_layer_{len(calls)}"
@@ -426,21 +430,23 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     """The Dynamo backend: convert the graph's residual pairs into reversible couplings, compile the rest.
 
     options (torch.compile's `options=`): "scheme" (a name or Scheme, default "symplectic"), "recompute_chunks"
-    (default None: by device), as for make_reversible.
+    (default None: by device), "exact" and "exact_headroom" (default None), as for make_reversible.
     """
     options = dict(options or {})
     scheme = get_scheme(options.pop("scheme", "symplectic"))
     chunks = options.pop("recompute_chunks", None)
+    headroom = options.pop("exact_headroom", None)
+    exact = resolve_exact(scheme, options.pop("exact", None), headroom)
     if options:
-        raise RevcompileError(f"unknown revcompile backend options {sorted(options)}; it takes scheme and "
-                              "recompute_chunks")
+        raise RevcompileError(f"unknown revcompile backend options {sorted(options)}; it takes scheme, "
+                              "recompute_chunks, exact and exact_headroom")
     if scheme.new_modules is not None:
         raise RevcompileError(f"scheme {scheme.name!r} adds modules to each layer (adapters, projections); the "
                               "backend cannot add parameters to a model: use revcompile.make_reversible(model, "
                               f"{scheme.name!r}) (compile=True compiles its branches)")
     from torch._inductor.compile_fx import compile_fx
 
-    converter = _Converter(gm, list(example_inputs), scheme, chunks)
+    converter = _Converter(gm, list(example_inputs), scheme, chunks, exact, headroom)
     # NOTE: Dynamo calls backends with lazily recompiled GraphModules switched on, and Dynamo will not trace a lazy
     # GraphModule's forward (a graph break in every compiled branch): the modules built here are made eagerly
     with _use_lazy_graph_module(False):

@@ -29,7 +29,7 @@ import torch
 METHODS = ("plain", "checkpointing", "selective", "revcompile")
 # more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in one piece
 SPEED_METHODS = ("plain", "compiled", "checkpointing", "selective", "revcompile", "revcompile-unchunked",
-                 "revcompile-compiled", "revcompile-backend")
+                 "revcompile-compiled", "revcompile-backend", "revcompile-float", "revcompile-reference")
 METHOD_LABELS = {
     "plain": "plain training",
     "checkpointing": "HF activation checkpointing",
@@ -39,6 +39,8 @@ METHOD_LABELS = {
     "revcompile-unchunked": "revcompile, recompute_chunks=1",
     "revcompile-compiled": "revcompile, compile=True",
     "revcompile-backend": 'torch.compile(backend="revcompile")',
+    "revcompile-float": "revcompile, exact=False (float streams)",
+    "revcompile-reference": "revcompile's coupling, ordinary autograd (invert=False)",
 }
 # A config where activations dominate (issue 2): tiny Mixtral, hidden 128, sdpa attention, fp32.
 MEMORY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -65,11 +67,12 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         return model
     if method == "compiled":
         return torch.compile(model)
-    if method in ("revcompile-unchunked", "revcompile-compiled"):
+    if method in ("revcompile-unchunked", "revcompile-compiled", "revcompile-float", "revcompile-reference"):
         import revcompile
 
-        return revcompile.make_reversible(model, **({"recompute_chunks": 1} if method == "revcompile-unchunked" else
-                                                    {"compile": True}))
+        options = {"revcompile-unchunked": {"recompute_chunks": 1}, "revcompile-compiled": {"compile": True},
+                   "revcompile-float": {"exact": False}, "revcompile-reference": {"invert": False}}[method]
+        return revcompile.make_reversible(model, **options)
     if method == "revcompile-backend":
         import revcompile.backend  # registers the backend
 

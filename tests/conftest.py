@@ -71,6 +71,23 @@ def loss_and_grads(model, ids, reference: bool):
     return loss.detach(), nodes, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture
+def wrong_undo(monkeypatch):
+    """Plant a relative error of 1e-3 in every step's undo, float and exact (integer) streams alike."""
+    from revcompile.runtime.streams import ExactStreams, FloatStreams
+
+    def plant(cls):
+        original = cls.undo
+
+        def undo(self, step, state, out):
+            old = original(self, step, state, out)
+            return (old * (1 + 1e-3)).round().to(old.dtype) if not old.is_floating_point() else old * (1 + 1e-3)
+        monkeypatch.setattr(cls, "undo", undo)
+
+    plant(FloatStreams)
+    plant(ExactStreams)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 

@@ -6,7 +6,7 @@
 Class names are never read, so a plain PyTorch model with its own names is classified the same way.
 
 `splits_by_token` checks, on the same values, that an FFN/MoE branch computed two halves of the sequence at a
-time (routing replayed per half) gives its output: only then may backward recompute it in slices.
+time gives its output: only then may the runtime run it (forward and recompute) in slices.
 
 Example:
     >>> classify_branches(layer, trace, chain, branches, call)
@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from ..capture.probe import LayerCall, eval_mode
 from ..capture.tracer import LayerTrace, bind_call, unwrapped_forward
-from ..runtime.replay import run_recorded, run_replayed, token_chunks
+from ..runtime.replay import run_recorded, sliced, token_slices
 from .residuals import Residual
 
 ATTENTION, FFN, MOE = "attention", "ffn", "moe"
@@ -41,13 +41,13 @@ def _branch_kind(branch: fx.GraphModule, x: torch.Tensor, context: list) -> str:
 
 
 def splits_by_token(branch: fx.GraphModule, x: torch.Tensor, context: list) -> bool:
-    """Does the branch give the same output when run on slices of the sequence with its routing replayed?"""
-    out, replay = run_recorded(branch, (x, *context), rng=False)
-    parts = token_chunks(x, replay, 2)
-    if parts is None:
+    """Does the branch give the same output when run on slices of the sequence (each slice routing its tokens)?"""
+    out = branch(x, *context)
+    slices = token_slices(x, 2)
+    if slices is None:
         return False
     try:
-        pieces = [run_replayed(branch, (x[..., positions, :], *context), part) for positions, part in parts]
+        pieces = [branch(sliced(x, positions), *context) for positions in slices]
     except Exception:  # a branch that cannot run on a slice (it reads position-shaped context) is not split
         return False
     joined = torch.cat(pieces, dim=-2)

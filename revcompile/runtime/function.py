@@ -22,10 +22,16 @@ recomputes the branch there. Forward already runs that iteration once and compar
 it does not converge, the step keeps a copy of its input for backward (the hybrid fallback), so a residual that
 cannot be inverted costs memory, never correctness.
 
-NOTE: why chunks. An FFN or MoE branch acts on each token alone (the analysis checked it), so its recompute can
-run a slice of the sequence at a time, with the recorded routing sliced to match: its working set (every expert's
-activations, the largest thing a MoE layer makes) is divided by the number of slices. Not done for a branch that
-drew random numbers in forward (its noise was drawn for the whole tensor at once).
+NOTE: why slices. An FFN or MoE branch acts on each token alone (the analysis checked it), so it can run a slice
+of the sequence at a time: its working set (every expert's activations, the largest thing a MoE layer makes) is
+divided by the number of slices. Forward runs it in the same slices as the recompute, each slice recording its own
+routing and RNG state, so the recompute repeats the forward's very kernels on the very shapes and returns its
+bits: exact streams (`streams.py`) rely on that. Not done while Hugging Face collects router logits (its
+load-balancing loss wants one tensor per layer).
+
+NOTE: streams. `call.streams` holds the run's arithmetic (`streams.py`): float steps, or exact integer streams
+whose packed buffer is an integer tensor seen as a float of the same width. Forward and backward only go through
+it, so both kinds share this code.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
 from .hf_outputs import ROUTER_LOGITS, private_collector
-from .replay import AutocastState, Replay, run_recorded, run_replayed, token_chunks
+from .replay import AutocastState, Replay, run_recorded, run_replayed, sliced, token_slices
+from .streams import FloatStreams
 
 if TYPE_CHECKING:
     from .layer import LayerRuntime
@@ -50,13 +57,15 @@ TENSOR_LEAF = object()  # marks where a context tensor goes in CouplingCall.cont
 
 
 class Slot:
-    """Holds one inter-layer tensor between the layer that made it and the backward that needs it."""
+    """Holds one inter-layer tensor between the layer that made it and the backward that needs it, and the run's
+    stream arithmetic (`streams`), which the next layer of the run continues with."""
 
-    __slots__ = ("tensor", "owned")
+    __slots__ = ("tensor", "owned", "streams")
 
     def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
         self.owned = False  # True once it holds a reconstruction that only revcompile can see
+        self.streams: FloatStreams | None = None
 
     def refill(self, tensor: torch.Tensor) -> None:
         self.tensor, self.owned = tensor, True
@@ -82,11 +91,12 @@ class CouplingCall:
     out_slot: Slot | None
     training: bool
     autocast: AutocastState
-    observe: Callable[[torch.Tensor], None] | None = None  # check(): called with the rebuilt input in backward
+    streams: FloatStreams  # the run's arithmetic: float steps or exact integer streams
+    observe: Callable[[FloatStreams, torch.Tensor], None] | None = None  # check(): sees the rebuilt input
     router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
-    chunks: dict[str, int | None] = field(default_factory=dict)  # branch -> pieces of its recompute (None: auto)
-    replays: list[Replay] | None = None
+    chunks: dict[str, int | None] = field(default_factory=dict)  # branch -> slices it runs in (None: auto)
+    replays: list[list[tuple[slice | None, Replay]]] | None = None  # per step: (positions, replay) per slice
     stored: list[torch.Tensor | None] | None = None  # per step: its input, kept where fixed-point inversion failed
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
@@ -129,7 +139,9 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
     reads = [read.detach().requires_grad_(True) for read in reads]
     with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
         out = run_replayed(call.branches[step.branch], (*reads, *context), replay)
-    outputs, grad_outputs = [out], [g_out]
+    # NOTE: in the output's dtype, as autograd hands it to the branch in the reference: under autocast a bf16 branch
+    # output added to an fp32 stream gets its gradient rounded to bf16, and a finer one here would differ from it
+    outputs, grad_outputs = [out], [g_out.to(out.dtype)]
     if router_grads:
         if len(recorded[ROUTER_LOGITS]) != len(router_grads):
             raise RevcompileError("the recompute recorded other router logits than the forward")
@@ -163,36 +175,63 @@ def _check_inversion(call: CouplingCall, step, before: dict[str, torch.Tensor], 
     return None if ok else before[step.target].detach().clone()
 
 
+def branch_slices(step, read: torch.Tensor, chunks: dict[str, int | None], collecting_router_logits: bool):
+    """The slices of the sequence a step's branch runs in (forward, recompute and the coupled reference alike), or
+    None for one piece: only token-wise branches of explicit steps, and not while router logits are collected."""
+    if step.implicit or collecting_router_logits or step.branch not in chunks:
+        return None
+    return token_slices(read, chunks[step.branch])
+
+
+def _forward_branch(call: CouplingCall, step, reads: list[torch.Tensor], context: list):
+    """Run a step's branch in forward, recording each slice's routing and RNG: (output, [(positions, replay)])."""
+    branch = call.branches[step.branch]
+    slices = branch_slices(step, reads[0], call.chunks, call.router_logits is not None)
+    if slices is None:
+        out, replay = run_recorded(branch, (*reads, *context), rng=call.training)
+        return out, [(None, replay)]
+    outs, parts = [], []
+    for positions in slices:
+        out, replay = run_recorded(branch, (*(sliced(read, positions) for read in reads), *context),
+                                   rng=call.training)
+        outs.append(out)
+        parts.append((positions, replay))
+    return torch.cat(outs, dim=-2), parts
+
+
 class ReversibleCoupling(torch.autograd.Function):
     """apply(call, x, *context_tensors, *params) -> the layer's output (packed streams, or h after a merge)."""
 
     @staticmethod
     def forward(ctx, call: CouplingCall, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        rt = call.runtime
+        rt, arithmetic = call.runtime, call.streams
         n_context = len(tensors) - len(call.params)
         context = call.context(tensors[:n_context])
-        streams = rt.scheme.open_streams(x) if rt.is_first else rt.unpack(x)
+        streams = arithmetic.open(x) if rt.is_first else arithmetic.unpack(x)
         call.replays, call.router_counts, call.stored, router_logits = [], [], [], []
         for step in rt.scheme.steps:
             before = len(call.router_logits) if call.router_logits is not None else 0
-            out, replay = run_recorded(call.branches[step.branch], (*(streams[s] for s in step.reads), *context),
-                                       rng=call.training)
-            new = step.apply(streams, out)
-            call.stored.append(_check_inversion(call, step, streams, new, context, replay) if step.implicit else None)
+            reads = [arithmetic.view(streams, s) for s in step.reads]
+            out, parts = _forward_branch(call, step, reads, context)
+            new = arithmetic.apply(step, streams, out)
+            call.stored.append(_check_inversion(call, step, streams, new, context, parts[0][1]) if step.implicit
+                               else None)
             streams[step.target] = new
-            call.replays.append(replay)
+            call.replays.append(parts)
             if call.router_logits is not None:
                 router_logits.extend(call.router_logits[before:])
                 call.router_counts.append(len(call.router_logits) - before)
         streams = rt.scheme.permute(streams)
         ctx.call = call
-        packed = rt.pack(streams)
+        packed = arithmetic.pack(streams)
         if rt.is_last:
             ctx.save_for_backward(packed, *tensors[:n_context])
-            output = rt.scheme.merge_streams(streams)
+            output = arithmetic.merge(streams)
+            if arithmetic.exact:
+                arithmetic.fmt.raise_if_overflowed()
         else:
             ctx.save_for_backward(*tensors[:n_context])
-            call.out_slot.tensor = packed.detach()
+            call.out_slot.tensor, call.out_slot.streams = packed.detach(), arithmetic
             output = packed
         # returning the recorded router logits makes these very tensors (held by Hugging Face's list) outputs of
         # this Function: the load-balancing loss's gradient reaches backward through them
@@ -203,7 +242,7 @@ class ReversibleCoupling(torch.autograd.Function):
         call: CouplingCall = ctx.call
         if call.replays is None:
             raise RevcompileError("backward ran twice through a reversible layer; retain_graph=True is not supported")
-        rt, scheme = call.runtime, call.runtime.scheme
+        rt, scheme, arithmetic = call.runtime, call.runtime.scheme, call.streams
         saved = ctx.saved_tensors
         # NOTE: the streams live in one packed buffer, undone in place and handed on to the previous layer, so
         # the peak (a branch recompute) sees one packed buffer of streams and the incoming gradient, nothing more.
@@ -216,8 +255,8 @@ class ReversibleCoupling(torch.autograd.Function):
             packed, context_tensors = call.out_slot.take(), saved
             if not call.out_slot.owned:
                 packed = packed.clone()  # the forward's own output: others (hooks, hidden states) may hold it
-            grads = rt.unpack(grad_out)
-        streams, grads = scheme.unpermute(rt.unpack(packed)), scheme.unpermute(grads)
+            grads = arithmetic.unpack_grad(grad_out)
+        streams, grads = scheme.unpermute(arithmetic.unpack(packed)), scheme.unpermute(grads)
         context_inputs = [t.detach().requires_grad_(t.requires_grad) for t in context_tensors]
         context = call.context(tuple(context_inputs))
         wrt = [t for t in context_inputs if t.requires_grad] + call.params
@@ -225,25 +264,24 @@ class ReversibleCoupling(torch.autograd.Function):
 
         router_ends = list(itertools.accumulate(call.router_counts or [0] * len(scheme.steps)))
         for k in reversed(range(len(scheme.steps))):
-            step, replay = scheme.steps[k], call.replays[k]
+            step, parts = scheme.steps[k], call.replays[k]
             if step.implicit:  # the old value first (stored in forward if it did not converge there), then the vjp
                 old = call.stored[k] if call.stored[k] is not None else _solve(call, step, streams, context,
-                                                                               replay).value
+                                                                               parts[0][1]).value
                 streams[step.target].copy_(old)
                 del old
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
             router_grads = grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]] \
                 if grad_router_logits and call.router_counts[k] else ()
-            reads = [streams[s] for s in step.reads]
-            chunks = token_chunks(reads[0], replay, call.chunks.get(step.branch, 1)) if not router_grads else None
-            if chunks is None:
-                out, g_reads, g_wrt = _branch_vjp(call, step, replay, reads, context, wrt, g_out, router_grads)
-            else:  # a token-wise branch, recomputed a slice of the sequence at a time: its working set shrinks
+            reads = [arithmetic.view(streams, s) for s in step.reads]
+            if len(parts) == 1:
+                out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, router_grads)
+            else:  # a token-wise branch, recomputed in the forward's slices: its working set shrinks
                 out, chunk_sum = torch.empty_like(g_out), _GradSum(len(wrt))
                 g_reads = [torch.zeros_like(read) for read in reads]
-                for positions, part in chunks:
-                    o, g, w = _branch_vjp(call, step, part, [read[..., positions, :] for read in reads], context,
-                                          wrt, g_out[..., positions, :])
+                for positions, replay in parts:
+                    o, g, w = _branch_vjp(call, step, replay, [sliced(read, positions) for read in reads], context,
+                                          wrt, sliced(g_out, positions))
                     out[..., positions, :] = o
                     for total, piece in zip(g_reads, g):
                         if piece is not None:
@@ -252,7 +290,7 @@ class ReversibleCoupling(torch.autograd.Function):
                 g_wrt = chunk_sum.grads
             if not step.implicit:
                 # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions
-                streams[step.target].copy_(step.undo(streams, out))
+                streams[step.target].copy_(arithmetic.undo(step, streams, out))
             grads = step.transpose(grads)
             for stream, g_read in zip(step.reads, g_reads):
                 if g_read is not None:
@@ -261,14 +299,14 @@ class ReversibleCoupling(torch.autograd.Function):
             del out, reads, g_reads, g_wrt
         call.replays = call.stored = None
         # a permuting scheme leaves the rebuilt streams out of order in the buffer: the previous layer gets a copy
-        rebuilt = packed if scheme.output_order is None else rt.pack(streams)
+        rebuilt = packed if scheme.output_order is None else arithmetic.pack(streams)
         if call.observe is not None:
-            call.observe(scheme.unopen(streams) if rt.is_first else rebuilt)
+            call.observe(arithmetic, arithmetic.unopen(streams) if rt.is_first else rebuilt)
 
         if rt.is_first:
             grad_x = scheme.open_grad(grads)
         else:
-            grad_x = rt.pack(grads)
+            grad_x = arithmetic.pack_grad(grads)
             if call.in_slot is not None:
                 call.in_slot.refill(rebuilt)
         by_input = iter(accumulated.grads)

@@ -31,9 +31,10 @@ from ..distributed import refuse_sharded_inside
 from ..errors import RevcompileError
 from ..passes.rewrite import coupling_module
 from .compiled import BranchCompiler
-from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot
+from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, branch_slices
 from .hf_outputs import ROUTER_LOGITS, active_collector
-from .replay import AutocastState
+from .replay import AutocastState, sliced
+from .streams import ExactStreams, FixedPoint, FloatStreams
 
 _state = threading.local()
 PAIR_ROLES = ("attn", "mlp")  # the pair's own branches, in layer order
@@ -64,28 +65,32 @@ def inversion_disabled() -> bool:
     return bool(getattr(_state, "disabled", False))
 
 
-def observe_reconstruction(observer: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]):
-    """Inside this block every reversible layer reports (layer, its true input, the input backward rebuilt).
+def observe_reconstruction(observer: Callable[[nn.Module, float], None]):
+    """Inside this block every reversible layer reports (layer, relative error of the input backward rebuilt against
+    its true input; exactly 0.0 for exact streams rebuilt bit for bit).
 
     Used by `revcompile.check`; it keeps a copy of every layer's input, so it is for diagnosis, not training.
     """
     return _thread_setting("observer", observer)
 
 
-def _slot_of(hidden: torch.Tensor) -> Slot | None:
-    """The slot of the converted layer whose output `hidden` is, if it is one.
+def _tag_of(hidden: torch.Tensor, name: str) -> Any:
+    """Attribute `name` that a converted layer set on its output `hidden` (its Slot, or the exact reference's
+    state), or None.
 
     NOTE: an engine may hand the layer an identity view of that output rather than the tensor itself: FSDP2's
     pre-forward hook passes a layer's inputs through an autograd Function that returns them, which autograd turns
     into views. Without looking at the view's base the previous layer's output would stay in its slot until
     backward, and memory would grow with depth again.
     """
-    slot, base = getattr(hidden, "_revcompile_slot", None), hidden._base
-    if slot is None and base is not None:  # the view must cover the whole base, not a slice of it
+    tag, base = getattr(hidden, name, None), hidden._base
+    if tag is None and base is not None:  # the view must cover the whole base, not a slice of it
         layout = (hidden.shape, hidden.stride(), hidden.storage_offset())
-        slot = getattr(base, "_revcompile_slot", None) if layout == (base.shape, base.stride(), base.storage_offset()) \
-            else None
-    return slot
+        tag = getattr(base, name, None) if layout == (base.shape, base.stride(), base.storage_offset()) else None
+    return tag
+
+
+SLOT, EXACT_REFERENCE = "_revcompile_slot", "_revcompile_exact"
 
 
 def chunks_by_branch(scheme: Scheme, splits_by_token: list[bool], chunks: int | None) -> dict[str, int | None]:
@@ -125,40 +130,87 @@ class StreamRuntime:
     backend (`backend.GraphLayer`) are both one.
     """
 
-    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, chunks: dict[str, int]):
+    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, chunks: dict[str, int], exact: bool = False,
+                 exact_headroom: int | None = None):
         self.scheme = scheme
-        self.chunks = chunks  # branch -> pieces of the sequence its backward recompute is split into
+        self.chunks = chunks  # branch -> slices of the sequence it runs in, forward and recompute
         self.is_first = is_first
         self.is_last = is_last
+        self.exact = exact  # streams as fixed-point integers (streams.py)
+        self.exact_headroom = exact_headroom
         self.inversions = InversionStats()
+        self._float = FloatStreams(scheme)
 
-    # streams travel between layers packed along a new leading dimension; unbind gives contiguous views
-    def pack(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([streams[s] for s in self.scheme.streams])
+    def streams(self, hidden: torch.Tensor, previous: Any) -> FloatStreams:
+        """This call's stream arithmetic: the run's first layer chooses it from its input, later layers continue
+        with what the previous layer of the run handed on (`previous`)."""
+        if not self.exact:
+            return self._float
+        if self.is_first:
+            return ExactStreams(self.scheme, FixedPoint.choose(hidden, self.exact_headroom))
+        if not isinstance(previous, ExactStreams):
+            raise RevcompileError("a converted layer in exact mode did not receive its run's streams: converted "
+                                  "layers must be called in order, from the first of their run to the last, all in "
+                                  "training or all not")
+        return previous
 
-    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
-        if packed.shape[0] != len(self.scheme.streams):
-            raise RevcompileError("a converted layer received a hidden state instead of packed streams: converted "
-                                  "layers must be called in order, from the first of their run to the last")
-        return dict(zip(self.scheme.streams, packed.unbind(0)))
-
-    def run_coupled(self, coupled: Callable, hidden: torch.Tensor, values: list) -> torch.Tensor:
-        """The coupled computation under ordinary autograd (the generated coupling applies the output order)."""
-        streams = self.scheme.open_streams(hidden) if self.is_first else self.unpack(hidden)
+    def run_coupled(self, branches: dict[str, nn.Module], coupled: Callable, hidden: torch.Tensor, values: list,
+                    collecting_router_logits: bool = False) -> torch.Tensor:
+        """The coupled computation under ordinary autograd: the generated coupling (which applies the output
+        order), or with exact streams the same steps on integer streams with straight-through gradients."""
+        if self.exact:
+            return self._run_exact_coupled(branches, hidden, values, collecting_router_logits)
+        arithmetic = self._float
+        streams = arithmetic.open(hidden) if self.is_first else arithmetic.unpack(hidden)
         streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
-        return self.scheme.merge_streams(streams) if self.is_last else self.pack(streams)
+        return arithmetic.merge(streams) if self.is_last else arithmetic.pack(streams)
+
+    def _run_exact_coupled(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list,
+                           collecting_router_logits: bool) -> torch.Tensor:
+        """Exact streams under ordinary autograd: the reversible Function's integer arithmetic, step for step and
+        slice for slice, while a float copy of each stream (`carriers`, equal in value to the integers seen in the
+        model's dtype) carries the gradient of the float steps through every rounding (straight through).
+
+        Between layers the carriers travel packed; the integer state rides on the packed tensor."""
+        scheme = self.scheme
+        if self.is_first:
+            arithmetic = self.streams(hidden, None)
+            state = arithmetic.open(hidden)
+            carriers = {s: _straight_through(arithmetic.view(state, s), lambda: c * hidden)
+                        for s, c in scheme.open.items()}
+        else:
+            arithmetic, state = _tag_of(hidden, EXACT_REFERENCE) or (None, None)
+            arithmetic = self.streams(hidden, arithmetic)
+            carriers, state = dict(zip(scheme.streams, hidden.unbind(0))), dict(state)
+        for step in scheme.steps:
+            reads = [carriers[s] for s in step.reads]
+            slices = branch_slices(step, reads[0], self.chunks, collecting_router_logits)
+            branch = branches[step.branch]
+            out = branch(*reads, *values) if slices is None else \
+                torch.cat([branch(*(sliced(r, positions) for r in reads), *values) for positions in slices], dim=-2)
+            state[step.target] = arithmetic.apply(step, state, out)
+            carriers[step.target] = _straight_through(arithmetic.view(state, step.target),
+                                                      lambda: step.apply(carriers, out))
+        state, carriers = scheme.permute(state), scheme.permute(carriers)
+        if self.is_last:
+            arithmetic.fmt.raise_if_overflowed()
+            return _straight_through(arithmetic.merge(state), lambda: scheme.merge_streams(carriers))
+        packed = torch.stack([carriers[s] for s in scheme.streams])
+        setattr(packed, EXACT_REFERENCE, (arithmetic, state))
+        return packed
 
     def run_reversible(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list, params: list,
                        training: bool, collector: dict | None = None,
-                       observe: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                       observe: Callable[[FloatStreams, torch.Tensor], None] | None = None) -> torch.Tensor:
         """The reversible Function on one call: `values` the context (pytrees of tensors and constants), `params`
         the layer's trainable parameters, `collector` Hugging Face's output collector of this model call."""
         leaves, spec = tree_flatten(values)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        in_slot = None if self.is_first else _slot_of(hidden)
+        in_slot = None if self.is_first else _tag_of(hidden, SLOT)
         template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        arithmetic = self.streams(hidden, in_slot.streams if in_slot is not None else None)
         call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
-                            training, AutocastState.capture(hidden.device),
+                            training, AutocastState.capture(hidden.device), arithmetic,
                             router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
                             chunks=self.chunks, observe=observe)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
@@ -167,7 +219,7 @@ class StreamRuntime:
         if in_slot is not None:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
         if call.out_slot is not None:
-            out._revcompile_slot = call.out_slot
+            setattr(out, SLOT, call.out_slot)
         return out
 
 
@@ -176,8 +228,8 @@ class LayerRuntime(StreamRuntime):
 
     def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
                  is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int],
-                 compiler: BranchCompiler | None = None):
-        super().__init__(scheme, is_first, is_last, chunks)
+                 compiler: BranchCompiler | None = None, exact: bool = False, exact_headroom: int | None = None):
+        super().__init__(scheme, is_first, is_last, chunks, exact, exact_headroom)
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert
         self.original_class = original_class
@@ -241,7 +293,8 @@ class LayerRuntime(StreamRuntime):
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
-            return self.run_coupled(coupled, hidden, values)
+            return self.run_coupled(branches, coupled, hidden, values,
+                                    collector is not None and ROUTER_LOGITS in collector)
 
         refuse_sharded_inside(layer)
         if any(_is_cache(v) for v in values):
@@ -255,9 +308,21 @@ class LayerRuntime(StreamRuntime):
         if observer is not None:
             true_input = hidden.detach().clone()
 
-            def observe(rebuilt):
-                observer(layer, true_input, rebuilt)
+            def observe(arithmetic, rebuilt):
+                observer(layer, arithmetic.input_error(true_input, rebuilt))
         return self.run_reversible(branches, hidden, values, params, layer.training, collector, observe)
+
+def _straight_through(value: torch.Tensor, expression: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`value`'s bits, with the gradient of `expression()` alone (computed only when autograd records)."""
+    value = value.detach()
+    if not torch.is_grad_enabled():
+        return value
+    expression = expression()
+    if not expression.requires_grad:
+        return value
+    # NOTE: e - e.detach() is exactly zero for finite e, so the result's value is `value` to the bit
+    return value + (expression - expression.detach()).to(value.dtype)
+
 
 class ReversibleLayer:
     """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime."""

@@ -149,24 +149,6 @@ class Replay:
 
     rng: RngState | None = None
     routing: list[torch.Tensor] = field(default_factory=list)
-    rng_used: bool = False  # the call drew random numbers (dropout, jitter): its recompute cannot be split
-
-    def token_chunk(self, batch: int, tokens: int, start: int, stop: int) -> "Replay | None":
-        """This replay for positions start:stop of every sequence, or None when a recorded selection is not laid
-        out by token ((batch, tokens, k), or (batch * tokens, k) rows in batch-major order)."""
-        routing = []
-        for indices in self.routing:
-            if indices.shape[:2] == (batch, tokens):
-                routing.append(indices[:, start:stop])
-            elif indices.shape[0] == batch * tokens:
-                # NOTE: built on the indices' device: a host-to-device copy here would stall the CUDA stream
-                # once per slice and layer (it made the chunked recompute 2.4x slower on an H200)
-                device = indices.device
-                rows = torch.arange(batch, device=device)[:, None] * tokens + torch.arange(start, stop, device=device)
-                routing.append(indices[rows.flatten()])
-            else:
-                return None
-        return Replay(self.rng, routing, self.rng_used)
 
 
 def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]:
@@ -176,10 +158,8 @@ def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]
     with recorder:
         out = branch(*args)
     replay.routing = recorder.choices
-    if rng:
-        replay.rng_used = not replay.rng.same_as(RngState.capture(args[0].device))
-        if not replay.rng_used:
-            replay.rng = None  # nothing to replay: do not keep ~5 KB per call until backward
+    if rng and replay.rng.same_as(RngState.capture(args[0].device)):
+        replay.rng = None  # nothing to replay: do not keep ~5 KB per call until backward
     return out, replay
 
 
@@ -199,19 +179,17 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
 AUTO_CHUNKS = {"cpu": 4}
 
 
-def token_chunks(read: torch.Tensor, replay: Replay, chunks: int | None) -> list[tuple[slice, Replay]] | None:
-    """(positions, replay) per slice of the sequence when a branch may be recomputed in `chunks` pieces (None:
-    AUTO_CHUNKS for the device)."""
+def token_slices(read: torch.Tensor, chunks: int | None) -> list[slice] | None:
+    """The slices of the sequence (dim -2) a token-wise branch runs in, forward and recompute alike, or None for
+    one piece (chunks None: AUTO_CHUNKS for the device)."""
     if chunks is None:
         chunks = AUTO_CHUNKS.get(read.device.type, 1)
-    if chunks <= 1 or replay.rng_used or read.dim() < 3 or read.shape[-2] < 2:
+    if chunks <= 1 or read.dim() < 3 or read.shape[-2] < 2:
         return None
-    batch, tokens = read.shape[:-2].numel(), read.shape[-2]
-    parts = []
-    for positions in torch.arange(tokens).tensor_split(min(chunks, tokens)):
-        start, stop = int(positions[0]), int(positions[-1]) + 1
-        part = replay.token_chunk(batch, tokens, start, stop)
-        if part is None:
-            return None
-        parts.append((slice(start, stop), part))
-    return parts
+    pieces = torch.arange(read.shape[-2]).tensor_split(min(chunks, read.shape[-2]))
+    return [slice(int(p[0]), int(p[-1]) + 1) for p in pieces]
+
+
+def sliced(x: torch.Tensor, positions: slice) -> torch.Tensor:
+    """Positions of the sequence (dim -2) as a contiguous tensor: a branch may `.view` its input."""
+    return x[..., positions, :].contiguous()

@@ -1,0 +1,290 @@
+"""How a reversible run holds its streams, and the steps' arithmetic on them: floats, or exact integers.
+
+`FloatStreams` runs the scheme's steps in the model's floating point (`exact=False`). `ExactStreams` holds every
+stream a step updates as a fixed-point integer tensor (`exact=True`, DESIGN.md "Exact streams"), so that backward
+rebuilds each layer's input bit for bit in any dtype. Both give the reversible Function and the coupled reference
+one interface: `open` a run from h, `view` a stream as a branch reads it, `apply` / `undo` a step, `merge` back to h,
+`pack` / `unpack` the tensor passed between layers (and its gradient).
+
+NOTE: why integers. `q + a - a != q` in floating point: the add rounds q to the grid of the larger magnitude and
+the low bits are gone; in bf16 (8 significant bits) a layer loses them at every step, and backward rebuilds a
+different input (gradients off by 0.77 over 8 layers). Integer addition loses nothing: a stream is `V * 2**-shift`
+with V an int32 (16-bit models) or int64 (32- and 64-bit models) tensor, a step adds `round(out * 2**shift)` to V
+and undo subtracts the very same integer, so undo is exact whenever the recomputed branch returns the forward's
+bits (same slices, kernels, autocast, routing and RNG: the Function sees to that). The branches read V converted
+back to the model's dtype. Gradients pass straight through the rounding (in the reversible backward and, by a
+straight-through estimator, in the `disable_inversion()` reference, which runs the identical integer arithmetic).
+
+NOTE: the grid. One power-of-two shift per run, chosen from the run input's largest magnitude M so that values up
+to M * 2**headroom fit (headroom 16 bits for int32, 24 for int64): the grid's step is M * 2**-(31 - 16) for int32
+streams, finer than bf16's own rounding for every value above M / 2**7, which the residual stream's values are
+after its first layers. A value outside the range is never wrapped: every step bounds its result (a max per step,
+on the device), and the run's last layer raises RevcompileError naming `exact_headroom` if any bound was passed.
+
+Example:
+    >>> fmt = FixedPoint.choose(h)                        # the grid for a run whose input is h
+    >>> torch.equal(fmt.quantize(h) + fmt.quantize(a) - fmt.quantize(a), fmt.quantize(h))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..coupling import Scheme, Step
+from ..errors import RevcompileError
+
+INT_FOR = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64,
+           torch.float64: torch.int64}
+BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+           torch.float64: torch.int64}  # an integer type of the same width, to carry a float's bits
+CARRIER = {torch.int32: torch.float32, torch.int64: torch.float64}  # the float type an int stream travels as
+DEFAULT_HEADROOM = {torch.int32: 16, torch.int64: 24}
+MAX_SHIFT = 120  # 2**±120 stays a normal number in float32, the arithmetic type of 16- and 32-bit models
+
+
+@dataclass
+class FixedPoint:
+    """One run's fixed-point grid: a stream value is `V * 2**-shift` with V of `int_dtype`; branches see `dtype`.
+
+    overflow is a flag on the device (no host synchronisation per step), set when a step's result may leave the
+    integer range; `raise_if_overflowed` reads it once per run.
+    """
+
+    shift: int
+    int_dtype: torch.dtype
+    dtype: torch.dtype
+    headroom: int
+    overflow: torch.Tensor
+
+    @classmethod
+    def choose(cls, h: torch.Tensor, headroom: int | None = None) -> "FixedPoint":
+        """The grid for a run whose input is `h`: values up to max|h| * 2**headroom fit."""
+        if h.dtype not in INT_FOR:
+            raise RevcompileError(f"exact streams need a floating-point hidden state, got {h.dtype}")
+        int_dtype = INT_FOR[h.dtype]
+        headroom = DEFAULT_HEADROOM[int_dtype] if headroom is None else headroom
+        peak = float(h.detach().abs().amax()) if h.numel() else 0.0
+        if not math.isfinite(peak):
+            raise RevcompileError("exact streams: the hidden state entering a reversible run is not finite (inf or "
+                                  "nan); the model diverged before revcompile's layers")
+        bits = torch.iinfo(int_dtype).bits - 1
+        exponent = math.frexp(peak)[1] if peak > 0 else 1  # peak < 2**exponent
+        shift = max(-MAX_SHIFT, min(MAX_SHIFT, bits - headroom - exponent))
+        return cls(shift, int_dtype, h.dtype, headroom, torch.zeros((), dtype=torch.bool, device=h.device))
+
+    @property
+    def arithmetic(self) -> torch.dtype:
+        """The float type rounding and merging run in: float64 for float64 models, else float32."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def limit(self) -> float:
+        return float(2 ** (torch.iinfo(self.int_dtype).bits - 1))
+
+    def quantize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """round(scale * x * 2**shift) as integers; flags a value outside the range."""
+        y = torch.round(x.detach().to(self.arithmetic) * (scale * 2.0 ** self.shift))
+        self.flag(_magnitude(y))
+        return y.to(self.int_dtype)
+
+    def dequantize(self, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (v.to(self.arithmetic) * 2.0 ** -self.shift).to(dtype or self.dtype)
+
+    def flag(self, bound: torch.Tensor) -> None:
+        """Record that a result bounded by `bound` (a 0-d tensor, in grid units) may not fit."""
+        self.overflow |= bound.to(torch.float64) >= self.limit
+
+    def raise_if_overflowed(self) -> None:
+        if bool(self.overflow):
+            raise RevcompileError(
+                f"exact streams: a reversible stream left the {str(self.int_dtype).replace('torch.', '')} range. The "
+                f"run's grid was chosen from its input's largest value with {self.headroom} bits of room for growth; "
+                f"pass make_reversible(..., exact_headroom={self.headroom + 8}) (a coarser grid, more room), or "
+                "max_run=k for shorter runs, or exact=False")
+
+    # a float stream travels beside the integer ones as its bits, widened to the integer type
+    def to_bits(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(BITS_OF[x.dtype]).to(self.int_dtype)
+
+    def from_bits(self, v: torch.Tensor) -> torch.Tensor:
+        return v.to(BITS_OF[self.dtype]).view(self.dtype)
+
+
+def exact_refusal(scheme: Scheme) -> str | None:
+    """Why the scheme's steps cannot run on integer streams exactly, or None when they can."""
+    for step in scheme.steps:
+        if step.implicit:
+            return (f"{scheme.name} inverts step {step.branch!r} by fixed-point iteration, to a tolerance, not "
+                    "exactly")
+        if step.scale not in (1, -1) or any(c != int(c) for _, c in step.mix):
+            return (f"{scheme.name} multiplies a stream by {step.scale:g}, and a product of integer streams by a "
+                    "non-integer loses bits that undo cannot restore")
+    if scheme.open is None:
+        return f"{scheme.name} splits the hidden state into feature halves"
+    return None
+
+
+def resolve_exact(scheme: Scheme, exact: bool | None, headroom: int | None) -> bool:
+    """make_reversible's `exact` (None: exact where the scheme allows it) as a yes or no, validated."""
+    if headroom is not None and (not isinstance(headroom, int) or not 0 <= headroom <= 30):
+        raise RevcompileError(f"exact_headroom must be an integer number of bits from 0 to 30, got {headroom!r}")
+    refusal = exact_refusal(scheme)
+    if exact and refusal:
+        raise RevcompileError(f"exact=True is not available for this scheme: {refusal}. Pass exact=False (float "
+                              "streams; the README measures their error) or use a scheme whose steps add "
+                              "(symplectic, midpoint, leapfrog)")
+    return refusal is None if exact is None else bool(exact)
+
+
+def updated_streams(scheme: Scheme) -> tuple[str, ...]:
+    """The streams a step writes or the output order moves: these become integers; the rest stay the input."""
+    moved = {s for s, o in zip(scheme.streams, scheme.output_order) if s != o} if scheme.output_order else set()
+    return tuple(s for s in scheme.streams if s in {step.target for step in scheme.steps} | moved)
+
+
+class FloatStreams:
+    """The steps in the model's floating point: the scheme's own arithmetic, unchanged."""
+
+    exact = False
+
+    def __init__(self, scheme: Scheme):
+        self.scheme = scheme
+
+    def open(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.scheme.open_streams(h)
+
+    def view(self, state: dict[str, torch.Tensor], stream: str) -> torch.Tensor:
+        return state[stream]
+
+    def apply(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        return step.apply(state, out)
+
+    def undo(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        return step.undo(state, out)
+
+    def merge(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scheme.merge_streams(state)
+
+    def unopen(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scheme.unopen(state)
+
+    # streams travel between layers packed along a new leading dimension; unbind gives contiguous views
+    def pack(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([state[s] for s in self.scheme.streams])
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        if packed.shape[0] != len(self.scheme.streams):
+            raise RevcompileError("a converted layer received a hidden state instead of packed streams: converted "
+                                  "layers must be called in order, from the first of their run to the last")
+        return dict(zip(self.scheme.streams, packed.unbind(0)))
+
+    def unpack_grad(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.scheme.streams, grad.unbind(0)))
+
+    def pack_grad(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([grads[s] for s in self.scheme.streams])
+
+    def input_error(self, true: torch.Tensor, rebuilt: torch.Tensor) -> float:
+        """Relative error of a rebuilt layer input (as packed, or h for a run's first layer)."""
+        return _relative(rebuilt.double() - true.double(), true.double())
+
+
+def _relative(difference: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(difference.norm() / reference.norm().clamp_min(1e-300))
+
+
+class ExactStreams(FloatStreams):
+    """The steps on fixed-point integer streams (see the module's NOTE): forward and undo are exact inverses.
+
+    State: int tensors for `updated_streams`, the run's input for the others. Packed between layers as one
+    integer tensor (float streams as their bits) viewed as a float of the same width (autograd carries only
+    floating-point tensors); its gradient is an ordinary float tensor of that type.
+    """
+
+    exact = True
+
+    def __init__(self, scheme: Scheme, fmt: FixedPoint):
+        super().__init__(scheme)
+        self.fmt = fmt
+        self.integers = set(updated_streams(scheme))
+
+    def open(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {s: self.fmt.quantize(h, c) if s in self.integers else (h if c == 1 else c * h)
+                for s, c in self.scheme.open.items()}
+
+    def view(self, state: dict[str, torch.Tensor], stream: str) -> torch.Tensor:
+        return self.fmt.dequantize(state[stream]) if stream in self.integers else state[stream]
+
+    def _integer(self, state: dict[str, torch.Tensor], stream: str) -> torch.Tensor:
+        return state[stream] if stream in self.integers else self.fmt.quantize(state[stream])
+
+    def apply(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        delta = self.fmt.quantize(out, step.branch_scale)
+        target = state[step.target]
+        new = target if step.scale == 1 else -target
+        bound = _magnitude(target) + _magnitude(delta)
+        for source, coeff in step.mix:
+            value = self._integer(state, source)
+            new = new + int(coeff) * value
+            bound = bound + abs(coeff) * _magnitude(value)
+        self.fmt.flag(bound)
+        return new + delta
+
+    def undo(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        old = state[step.target] - self.fmt.quantize(out, step.branch_scale)
+        for source, coeff in step.mix:
+            old = old - int(coeff) * self._integer(state, source)
+        return old if step.scale == 1 else -old
+
+    def merge(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for s, c in self.scheme.merge.items():
+            value = state[s]
+            value = self.fmt.dequantize(value, self.fmt.arithmetic) if s in self.integers \
+                else value.to(self.fmt.arithmetic)
+            term = value if c == 1 else c * value
+            total = term if total is None else total + term
+        return total.to(self.fmt.dtype)
+
+    def unopen(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        # a stream that kept the input holds it exactly; an integer stream holds it on the grid
+        kept = [s for s, c in self.scheme.open.items() if c == 1 and s not in self.integers]
+        if kept:
+            return state[kept[0]]
+        stream, coeff = next((s, c) for s, c in self.scheme.open.items() if c)
+        return self.fmt.dequantize(state[stream]) / coeff
+
+    def pack(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = [state[s] if s in self.integers else self.fmt.to_bits(state[s]) for s in self.scheme.streams]
+        return torch.stack(rows).view(CARRIER[self.fmt.int_dtype])
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        if packed.dtype != CARRIER[self.fmt.int_dtype]:
+            raise RevcompileError("a converted layer in exact mode received a tensor that is not its run's packed "
+                                  "streams: converted layers must be called in order, from the first of their run "
+                                  "to the last")
+        rows = super().unpack(packed.view(self.fmt.int_dtype))
+        return {s: v if s in self.integers else self.fmt.from_bits(v) for s, v in rows.items()}
+
+    def unpack_grad(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {s: g.to(self.fmt.dtype) for s, g in super().unpack_grad(grad).items()}
+
+    def pack_grad(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return super().pack_grad(grads).to(CARRIER[self.fmt.int_dtype])
+
+    def input_error(self, true: torch.Tensor, rebuilt: torch.Tensor) -> float:
+        """0.0 exactly when every bit was rebuilt; else the relative error in grid units."""
+        if true.dtype == self.fmt.dtype:  # a run's first layer: its input h, as the run holds it (on the grid)
+            return super().input_error(self.unopen(self.open(true)), rebuilt)
+        true, rebuilt = true.view(self.fmt.int_dtype), rebuilt.view(self.fmt.int_dtype)
+        return _relative((rebuilt - true).double(), true.double())
+
+
+def _magnitude(v: torch.Tensor) -> torch.Tensor:
+    """max |v| as a 0-d float64 tensor on v's device (no temporary of v's size)."""
+    low, high = torch.aminmax(v)
+    return torch.maximum(low.double().abs(), high.double().abs())
