@@ -50,9 +50,10 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
                      compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
     exact:           hold the streams as fixed-point integers, so that backward rebuilds every layer's input bit for
-                     bit in any dtype (bf16 included; `runtime/streams.py`). None (default): exact where the
-                     scheme's steps allow it (symplectic, midpoint, leapfrog), float streams for the others
-                     (meft*, revffn, fixed_point); True for a scheme that cannot is a RevcompileError.
+                     bit in any dtype (bf16 included; `runtime/streams.py`). None (default): exact where the run
+                     computes in 16 bits (bf16/fp16 weights, or autocast) and the scheme's steps allow it
+                     (symplectic, midpoint, leapfrog); float streams for the others (meft*, revffn, fixed_point)
+                     and in plain fp32/fp64. True for a scheme that cannot is a RevcompileError.
     exact_headroom:  bits of room above the largest value entering a run (None: 16 for bf16/fp16 models, 24 for
                      fp32/fp64); a stream that outgrows it raises RevcompileError naming this option.
 

@@ -31,10 +31,18 @@ def check(model, autocast=None, seq=32):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rebuilt_inputs_are_bit_exact(family, precision):
     dtype, autocast = PRECISIONS[precision]
-    model = revcompile.make_reversible(make_model(family, dtype, layers=4, use_cache=False))
+    model = revcompile.make_reversible(make_model(family, dtype, layers=4, use_cache=False), exact=True)
     report = check(model, autocast)
     assert report.exact, report
     assert report.worst_grad_error < GRAD_BOUND[precision], report
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_exact_by_default_where_the_run_computes_in_16_bits(precision):
+    """exact=None: integer streams for bf16/fp16 weights and under autocast; float streams in plain fp32."""
+    dtype, autocast = PRECISIONS[precision]
+    model = revcompile.make_reversible(make_model("olmoe", dtype, layers=2, use_cache=False))
+    assert check(model, autocast).exact == (precision != "fp32")
 
 
 def test_float_streams_are_not_exact_in_bf16():
@@ -57,7 +65,7 @@ def test_forward_runs_the_recompute_slices():
     """DeepSeek-V3's router computes in fp32: sliced recompute of an unsliced forward differed by ~1e-7; forward now
     runs the same slices, so the inputs are rebuilt exactly even in fp32 with 4 slices."""
     model = revcompile.make_reversible(make_model("deepseek_v3", torch.float32, layers=4, use_cache=False),
-                                       recompute_chunks=4)
+                                       recompute_chunks=4, exact=True)
     assert check(model).exact
 
 
@@ -84,7 +92,7 @@ def test_streams_travel_in_twice_the_model_bytes():
 
 def plain(dtype, embed_scale=1.0, norm_scale=1.0, **options):
     """A converted plain-PyTorch MoE whose values are rescaled after conversion (the analysis probes ordinary ones)."""
-    model = revcompile.make_reversible(make_model("plain", dtype, layers=4), **options)
+    model = revcompile.make_reversible(make_model("plain", dtype, layers=4), exact=True, **options)
     with torch.no_grad():
         model.embed.weight.mul_(embed_scale)
         for module in model.modules():  # norms and biases set every branch output's scale
@@ -158,7 +166,7 @@ def test_float_bits_travel_unchanged(dtype):
 
 def test_a_wrong_exact_undo_is_caught(wrong_undo):
     """fp32, where the gradients' noise (2.2e-7) is far below what a wrong undo does."""
-    model = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=3, use_cache=False))
+    model = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=3, use_cache=False), exact=True)
     report = check(model)
     assert not report.exact and report.worst_grad_error > 100 * GRAD_BOUND["fp32"]
 

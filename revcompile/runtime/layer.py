@@ -34,7 +34,7 @@ from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, branch_slices
 from .hf_outputs import ROUTER_LOGITS, active_collector
 from .replay import AutocastState, sliced
-from .streams import ExactStreams, FixedPoint, FloatStreams
+from .streams import ExactStreams, FixedPoint, FloatStreams, exact_by_default
 
 _state = threading.local()
 PAIR_ROLES = ("attn", "mlp")  # the pair's own branches, in layer order
@@ -130,57 +130,58 @@ class StreamRuntime:
     backend (`backend.GraphLayer`) are both one.
     """
 
-    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, chunks: dict[str, int], exact: bool = False,
-                 exact_headroom: int | None = None):
+    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, chunks: dict[str, int],
+                 exact: bool | None = False, exact_headroom: int | None = None):
         self.scheme = scheme
         self.chunks = chunks  # branch -> slices of the sequence it runs in, forward and recompute
         self.is_first = is_first
         self.is_last = is_last
-        self.exact = exact  # streams as fixed-point integers (streams.py)
+        self.exact = exact  # streams as fixed-point integers (streams.py); None: where the run computes in 16 bits
         self.exact_headroom = exact_headroom
         self.inversions = InversionStats()
         self._float = FloatStreams(scheme)
 
-    def streams(self, hidden: torch.Tensor, previous: Any) -> FloatStreams:
-        """This call's stream arithmetic: the run's first layer chooses it from its input, later layers continue
-        with what the previous layer of the run handed on (`previous`)."""
-        if not self.exact:
-            return self._float
+    def streams(self, hidden: torch.Tensor, previous: FloatStreams | None) -> FloatStreams:
+        """This call's stream arithmetic. The run's first layer chooses it: exact streams when asked for, or (exact
+        None) when the run computes in 16 bits (bf16/fp16 hidden states, or autocast); later layers continue with
+        what the previous layer of the run handed on (`previous`)."""
         if self.is_first:
-            return ExactStreams(self.scheme, FixedPoint.choose(hidden, self.exact_headroom))
-        if not isinstance(previous, ExactStreams):
+            exact = self.exact if self.exact is not None else exact_by_default(hidden)
+            return ExactStreams(self.scheme, FixedPoint.choose(hidden, self.exact_headroom)) if exact else self._float
+        if previous is not None:
+            return previous
+        if self.exact:
             raise RevcompileError("a converted layer in exact mode did not receive its run's streams: converted "
                                   "layers must be called in order, from the first of their run to the last, all in "
                                   "training or all not")
-        return previous
+        return self._float
 
     def run_coupled(self, branches: dict[str, nn.Module], coupled: Callable, hidden: torch.Tensor, values: list,
                     collecting_router_logits: bool = False) -> torch.Tensor:
         """The coupled computation under ordinary autograd: the generated coupling (which applies the output
         order), or with exact streams the same steps on integer streams with straight-through gradients."""
-        if self.exact:
-            return self._run_exact_coupled(branches, hidden, values, collecting_router_logits)
-        arithmetic = self._float
+        tag = None if self.is_first else _tag_of(hidden, EXACT_REFERENCE)
+        arithmetic = self.streams(hidden, tag[0] if tag else None)
+        if arithmetic.exact:
+            return self._run_exact_coupled(arithmetic, tag[1] if tag else None, branches, hidden, values,
+                                           collecting_router_logits)
         streams = arithmetic.open(hidden) if self.is_first else arithmetic.unpack(hidden)
         streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
         return arithmetic.merge(streams) if self.is_last else arithmetic.pack(streams)
 
-    def _run_exact_coupled(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list,
-                           collecting_router_logits: bool) -> torch.Tensor:
+    def _run_exact_coupled(self, arithmetic: ExactStreams, state: dict | None, branches: dict[str, nn.Module],
+                           hidden: torch.Tensor, values: list, collecting_router_logits: bool) -> torch.Tensor:
         """Exact streams under ordinary autograd: the reversible Function's integer arithmetic, step for step and
         slice for slice, while a float copy of each stream (`carriers`, equal in value to the integers seen in the
         model's dtype) carries the gradient of the float steps through every rounding (straight through).
 
-        Between layers the carriers travel packed; the integer state rides on the packed tensor."""
+        Between layers the carriers travel packed; the integer `state` rides on the packed tensor."""
         scheme = self.scheme
         if self.is_first:
-            arithmetic = self.streams(hidden, None)
             state = arithmetic.open(hidden)
             carriers = {s: _straight_through(arithmetic.view(state, s), lambda: c * hidden)
                         for s, c in scheme.open.items()}
         else:
-            arithmetic, state = _tag_of(hidden, EXACT_REFERENCE) or (None, None)
-            arithmetic = self.streams(hidden, arithmetic)
             carriers, state = dict(zip(scheme.streams, hidden.unbind(0))), dict(state)
         for step in scheme.steps:
             reads = [carriers[s] for s in step.reads]
@@ -228,7 +229,8 @@ class LayerRuntime(StreamRuntime):
 
     def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
                  is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int],
-                 compiler: BranchCompiler | None = None, exact: bool = False, exact_headroom: int | None = None):
+                 compiler: BranchCompiler | None = None, exact: bool | None = False,
+                 exact_headroom: int | None = None):
         super().__init__(scheme, is_first, is_last, chunks, exact, exact_headroom)
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert

@@ -128,8 +128,9 @@ def exact_refusal(scheme: Scheme) -> str | None:
     return None
 
 
-def resolve_exact(scheme: Scheme, exact: bool | None, headroom: int | None) -> bool:
-    """make_reversible's `exact` (None: exact where the scheme allows it) as a yes or no, validated."""
+def resolve_exact(scheme: Scheme, exact: bool | None, headroom: int | None) -> bool | None:
+    """make_reversible's `exact`, validated: False where the scheme cannot be exact, else as given (None: decided
+    per run by `exact_by_default`)."""
     if headroom is not None and (not isinstance(headroom, int) or not 0 <= headroom <= 30):
         raise RevcompileError(f"exact_headroom must be an integer number of bits from 0 to 30, got {headroom!r}")
     refusal = exact_refusal(scheme)
@@ -137,7 +138,17 @@ def resolve_exact(scheme: Scheme, exact: bool | None, headroom: int | None) -> b
         raise RevcompileError(f"exact=True is not available for this scheme: {refusal}. Pass exact=False (float "
                               "streams; the README measures their error) or use a scheme whose steps add "
                               "(symplectic, midpoint, leapfrog)")
-    return refusal is None if exact is None else bool(exact)
+    return False if refusal else exact
+
+
+# NOTE: the default. Float streams lose bits wherever a step adds in 16-bit arithmetic: bf16/fp16 hidden states, or
+# fp32 ones whose branches run under autocast (their outputs are bf16). In plain fp32 they rebuild inputs to ~1e-7
+# over 16 layers, and integer streams would double the streams' memory (int64) for that; in fp64 an int64 grid is
+# coarser than the floats themselves.
+def exact_by_default(h: torch.Tensor) -> bool:
+    """Does a run whose input is `h` compute in 16 bits (so that exact streams pay)?"""
+    return h.dtype in (torch.bfloat16, torch.float16) or (h.dtype == torch.float32
+                                                          and torch.is_autocast_enabled(h.device.type))
 
 
 def updated_streams(scheme: Scheme) -> tuple[str, ...]:
