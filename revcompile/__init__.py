@@ -4,9 +4,12 @@ Example:
     >>> import revcompile
     >>> revcompile.make_reversible(model)          # in place
     >>> model(ids, labels=ids).loss.backward()     # backward rebuilds each layer's input from its output
+
+Importing it stays light (no Dynamo, Inductor, transformers or matplotlib until used): the torch.compile backend
+"revcompile" is found through the `torch_dynamo_backends` entry point of the installed package, or registered by
+`import revcompile.backend`.
 """
 
-from . import backend  # noqa: F401  (registers the torch.compile backend "revcompile")
 from .api import analyze, converted_layers, disable_inversion, inversion_report, make_reversible, undo
 from .check import CheckReport, check
 from .coupling import Scheme, Step
