@@ -4,7 +4,8 @@ Example:
     >>> import revcompile
     >>> revcompile.make_reversible(model)          # in place
     >>> model(ids, labels=ids).loss.backward()     # backward rebuilds each layer's input from its output
-    >>> model.save_pretrained("out"); model = revcompile.from_pretrained("out")   # reloaded converted, as trained
+    >>> model.save_pretrained("out")
+    >>> model = revcompile.from_pretrained("out")  # reloaded converted the same way: the trained function
 
 Importing it stays light (no Dynamo, Inductor, transformers or matplotlib until used): the torch.compile backend
 "revcompile" is found through the `torch_dynamo_backends` entry point of the installed package, or registered by

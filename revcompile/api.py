@@ -61,8 +61,8 @@ def _records_call(convert):
             scheme = None  # a ready-made Scheme object: a reload cannot rebuild it
         record = {"scheme": scheme, "options": options, **arguments,
                   "layers": [pair.layer for pair in model._revcompile_plan.pairs]}
-        record["not_recorded"] = sorted([name for name, value in {**arguments, **options}.items() if not _is_json(value)]
-                                        + (["scheme"] if scheme is None else []))
+        unrecordable = [name for name, value in {**arguments, **options}.items() if not _is_json(value)]
+        record["not_recorded"] = sorted(unrecordable + (["scheme"] if scheme is None else []))
         model._revcompile_call = record
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
