@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="convert a tiny Mixtral, train it, compare memory with the baselines")
     demo.add_argument("--depth", type=positive_int, default=8, metavar="N",
                       help="number of layers (default %(default)s)")
-    demo.add_argument("--steps", type=positive_int, default=8, metavar="N",
+    demo.add_argument("--steps", type=positive_int, default=4, metavar="N",
                       help="training steps (default %(default)s)")
     demo.set_defaults(func=cmd_demo)
     return parser
