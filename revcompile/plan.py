@@ -137,6 +137,9 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
         raise RevcompileError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "_revcompile_plan", None) is not None:
         return model._revcompile_plan
+    if any(hasattr(m, "_revcompile") for m in model.modules()):
+        raise RevcompileError("part of this model is already converted by revcompile (make_reversible was called on "
+                              "a submodule): analyze that submodule, or call revcompile.undo on it first")
     refuse_wrapped(model, f"revcompile converts the model before a distributed engine wraps it: {ORDER}")
     stacks = find_stacks(model, example_call(model, example_inputs))
     if not stacks:
