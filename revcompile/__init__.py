@@ -21,6 +21,6 @@ from .plan import Plan
 from .saving import from_pretrained
 from .schemes import SCHEMES, get_scheme
 
-__all__ = ["make_reversible", "analyze", "undo", "from_pretrained", "disable_inversion", "converted_layers", "inversion_report",
-           "check", "CheckReport", "Plan", "Scheme", "Step", "SCHEMES", "get_scheme", "distill", "kl_divergence",
-           "RevcompileError"]
+__all__ = ["make_reversible", "analyze", "undo", "from_pretrained", "disable_inversion", "converted_layers",
+           "inversion_report", "check", "CheckReport", "Plan", "Scheme", "Step", "SCHEMES", "get_scheme", "distill",
+           "kl_divergence", "RevcompileError"]

@@ -106,8 +106,9 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     Returns the model; `revcompile.analyze(model)` is the Plan it followed. The call's options are recorded in
     `model.config.revcompile`: save the converted model with `save_pretrained` and reload it, converted the same way,
     with `revcompile.from_pretrained(path)`. Hugging Face activation checkpointing is switched off on converted
-    layers (one warning). Layers that cannot be converted are left as they are and listed in `plan.skipped`. Schemes with adapters or projections (meft*, revffn) add them to
-    each converted layer as `layer.revcompile_modules`, on the layer's dtype and device. Raises RevcompileError
+    layers (one warning). Layers that cannot be converted are left as they are and listed in `plan.skipped`.
+    Schemes with adapters or projections (meft*, revffn) add them to each converted layer as
+    `layer.revcompile_modules`, on the layer's dtype and device. Raises RevcompileError
     (the model unchanged) for a non-Module, a second conversion, an unknown scheme or option, an invalid option
     value, or a model with no residual pair.
     """
