@@ -4,17 +4,23 @@ Example:
     >>> import revcompile
     >>> revcompile.make_reversible(model)          # in place
     >>> model(ids, labels=ids).loss.backward()     # backward rebuilds each layer's input from its output
+    >>> model.save_pretrained("out")
+    >>> model = revcompile.from_pretrained("out")  # reloaded converted the same way: the trained function
+
+Importing it stays light (no Dynamo, Inductor, transformers or matplotlib until used): the torch.compile backend
+"revcompile" is found through the `torch_dynamo_backends` entry point of the installed package, or registered by
+`import revcompile.backend`.
 """
 
-from . import backend  # noqa: F401  (registers the torch.compile backend "revcompile")
 from .api import analyze, converted_layers, disable_inversion, inversion_report, make_reversible, undo
 from .check import CheckReport, check
 from .coupling import Scheme, Step
 from .distill import distill, kl_divergence
 from .errors import RevcompileError
 from .plan import Plan
+from .saving import from_pretrained
 from .schemes import SCHEMES, get_scheme
 
-__all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report",
-           "check", "CheckReport", "Plan", "Scheme", "Step", "SCHEMES", "get_scheme", "distill", "kl_divergence",
-           "RevcompileError"]
+__all__ = ["make_reversible", "analyze", "undo", "from_pretrained", "disable_inversion", "converted_layers",
+           "inversion_report", "check", "CheckReport", "Plan", "Scheme", "Step", "SCHEMES", "get_scheme", "distill",
+           "kl_divergence", "RevcompileError"]

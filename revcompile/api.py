@@ -8,6 +8,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
+import warnings
 from itertools import groupby
 from typing import Any
 
@@ -26,7 +30,58 @@ from .schemes import SchemeConfig, get_scheme
 
 __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report"]
 
+RECORD_KEY = "revcompile"  # the conversion, recorded in the model's config (config.json) by make_reversible
+KEEPS_FUNCTION = ("fixed_point",)  # every other scheme changes the function: trained weights mean something only
+#                                     under the scheme they were trained with
+CHECKPOINTING_OFF = ("Hugging Face activation checkpointing is switched off on the layers revcompile converted: "
+                     "they already rebuild their activations in backward, and checkpointing them too would run each "
+                     "layer once more per step. Unconverted layers keep it.")
 
+
+def _records_call(convert):
+    """Record every argument of a make_reversible call (new options included) on the converted model.
+
+    The record (scheme name, its options, every other option, the converted layers) is a JSON dict kept in
+    `model.config.revcompile` (so `save_pretrained` writes it to config.json; `revcompile.from_pretrained` reads it)
+    or, for a model without a Hugging Face config, in `model._revcompile_call`.
+    """
+    signature = inspect.signature(convert)
+
+    @functools.wraps(convert)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        model = convert(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        for name in ("model", "example_inputs"):  # the model itself; example inputs only find the layers
+            arguments.pop(name)
+        options, scheme = arguments.pop("options"), arguments.pop("scheme")
+        if isinstance(scheme, SchemeConfig):
+            scheme, options = scheme.name, {name: getattr(scheme, name) for name in scheme.options()}
+        elif not isinstance(scheme, str):
+            scheme = None  # a ready-made Scheme object: a reload cannot rebuild it
+        record = {"scheme": scheme, "options": options, **arguments,
+                  "layers": [pair.layer for pair in model._revcompile_plan.pairs]}
+        unrecordable = [name for name, value in {**arguments, **options}.items() if not _is_json(value)]
+        record["not_recorded"] = sorted(unrecordable + (["scheme"] if scheme is None else []))
+        model._revcompile_call = record
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            setattr(config, RECORD_KEY, record)
+        return model
+
+    return wrapper
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@_records_call
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
                     example_inputs: Any = None, recompute_chunks: int | None = None, max_run: int | None = None,
                     compile: bool = False, exact: bool | None = None, exact_headroom: int | None = None,
@@ -57,9 +112,12 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     exact_headroom:  bits of room above the largest value entering a run (None: 16 for bf16/fp16 models, 24 for
                      fp32/fp64); a stream that outgrows it raises RevcompileError naming this option.
 
-    Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
-    as they are and listed in `plan.skipped`. Schemes with adapters or projections (meft*, revffn) add them to
-    each converted layer as `layer.revcompile_modules`, on the layer's dtype and device. Raises RevcompileError
+    Returns the model; `revcompile.analyze(model)` is the Plan it followed. The call's options are recorded in
+    `model.config.revcompile`: save the converted model with `save_pretrained` and reload it, converted the same way,
+    with `revcompile.from_pretrained(path)`. Hugging Face activation checkpointing is switched off on converted
+    layers (one warning). Layers that cannot be converted are left as they are and listed in `plan.skipped`.
+    Schemes with adapters or projections (meft*, revffn) add them to each converted layer as
+    `layer.revcompile_modules`, on the layer's dtype and device. Raises RevcompileError
     (the model unchanged) for a non-Module, a second conversion, an unknown scheme or option, an invalid option
     value, or a model with no residual pair.
     """
@@ -69,6 +127,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
         raise RevcompileError(f"recompute_chunks must be a positive integer or None, got {recompute_chunks!r}")
     if max_run is not None and (not isinstance(max_run, int) or max_run < 1):
         raise RevcompileError(f"max_run must be a positive integer or None, got {max_run!r}")
+    if isinstance(model, nn.Module) and converted_layers(model):
+        raise RevcompileError("this model is already converted by revcompile; call revcompile.undo(model) first")
     plan = analyze(model, example_inputs)
     if not plan.pairs:
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
@@ -96,7 +156,14 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                                              exact=exact, exact_headroom=exact_headroom)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
+    if any(pair.module.__dict__.get("gradient_checkpointing") for pair in plan.pairs):
+        warnings.warn(CHECKPOINTING_OFF, stacklevel=3)
+    plan.applied = True
     model._revcompile_plan = plan
+    # parameter versions now: undo can tell whether the model was trained since (optimizer steps write in place);
+    # None when the weights were already trained under a conversion (saved with its record in the config)
+    loaded_trained = getattr(getattr(model, "config", None), RECORD_KEY, None) is not None
+    model._revcompile_baseline = None if loaded_trained else [p._version for p in model.parameters()]
     return model
 
 
@@ -111,23 +178,46 @@ def converted_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "_revcompile", None), LayerRuntime)]
 
 
-def undo(model: nn.Module) -> nn.Module:
+def _trained_since_conversion(model: nn.Module) -> bool:
+    """Did a parameter change in place since conversion (an optimizer step, load_state_dict)? A deepcopy counts as
+    changed too (its parameters' version counters start again)."""
+    baseline = getattr(model, "_revcompile_baseline", None)
+    return baseline is None or baseline != [p._version for p in model.parameters()]
+
+
+def undo(model: nn.Module, force: bool = False) -> nn.Module:
     """Restore the original layers of a converted model (in place; returns it).
 
     The original parameters are untouched; modules a scheme added (MEFT's adapters, RevFFN's projections) are
-    removed with their weights, since the original architecture has no place for them.
+    removed with their weights, since the original architecture has no place for them. A model trained under a
+    scheme that changes the function (every scheme but fixed_point) would compute something else after undo: that
+    is refused unless `force=True`; save it converted and reload it with `revcompile.from_pretrained` instead.
+
+    Example:
+        >>> revcompile.undo(model)              # right after make_reversible: the original model again
+        >>> revcompile.undo(model, force=True)  # after training under symplectic: the original architecture,
+        ...                                     # with weights trained for another function
     """
     layers = converted_layers(model)
     if not layers:
         raise RevcompileError("this model was not converted by revcompile.make_reversible; nothing to undo")
     refuse_wrapped(model, "undo works on the unwrapped model: call it before fully_shard (whose layer classes it "
                           "would drop), or on the model inside DistributedDataParallel (revcompile.undo(ddp.module))")
+    scheme = layers[0]._revcompile.scheme.name
+    if not force and scheme not in KEEPS_FUNCTION and _trained_since_conversion(model):
+        raise RevcompileError(
+            f"this model's weights were trained under the {scheme!r} scheme, which changes the model's function: "
+            "after undo the original layers would compute something else than the trained model. To keep what was "
+            "trained, keep it converted: model.save_pretrained(path) records the conversion in config.json, and "
+            "revcompile.from_pretrained(path) loads it converted the same way. Pass force=True to undo anyway")
     for layer in layers:
         layer.__class__ = layer._revcompile.original_class
         del layer._revcompile
         if hasattr(layer, NEW_MODULES):  # adapters and projections a scheme added: the original has no place for them
             delattr(layer, NEW_MODULES)
-    del model._revcompile_plan
+    del model._revcompile_plan, model._revcompile_call, model._revcompile_baseline
+    if hasattr(getattr(model, "config", None), RECORD_KEY):
+        delattr(model.config, RECORD_KEY)
     return model
 
 

@@ -62,14 +62,23 @@ class CheckReport:
         """Backward rebuilt every layer's input bit for bit (exact streams do, in any dtype)."""
         return all(r.input_error == 0 for r in self.layers)
 
+    @property
+    def tolerance(self) -> float:
+        """The gradient error check() accepts for this dtype (TOLERANCE)."""
+        return TOLERANCE.get(self.dtype, 1e-4)
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.worst_grad_error <= self.tolerance
+
     def __str__(self) -> str:
         headers = ["layer", "rebuilt input rel. error", "grad rel. error", "grad cosine"]
         rows = [[r.layer, r.input_error, r.grad_error, r.grad_cosine] for r in self.layers]
         if any(r.converged is not None for r in self.layers):  # which layers fell back to keeping their input
             headers.append("fixed point converged")
             rows = [row + [r.converged] for row, r in zip(rows, self.layers)]
-        tolerance = TOLERANCE.get(self.dtype, 1e-4)
-        verdict = "within" if self.worst_grad_error <= tolerance else "EXCEEDS"
+        tolerance = self.tolerance
+        verdict = "within" if self.within_tolerance else "EXCEEDS"
         rebuilt = "exact: every layer's input rebuilt bit for bit" if self.exact else \
             f"worst rebuilt input error {self.worst_input_error:.3g}"
         return (f"revcompile check ({str(self.dtype).replace('torch.', '')}): loss {self.loss:.6g} with inversion, "
@@ -151,10 +160,9 @@ def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torc
                                stats.converged_fraction if stats else None))
     dtype = autocast or next(model.parameters()).dtype
     report = CheckReport(dtype, loss, reference_loss, rows)
-    tolerance = TOLERANCE.get(dtype, 1e-4)
-    if report.worst_grad_error > tolerance:  # NOTE: an unreplayable RNG or a non-deterministic op shows up here
+    if not report.within_tolerance:  # NOTE: an unreplayable RNG or a non-deterministic op shows up here
         worst = max(rows, key=lambda r: r.grad_error)
         warnings.warn(f"revcompile.check: gradients of {worst.layer} differ from the reference by "
-                      f"{worst.grad_error:.3g} (more than {tolerance:g} for {dtype}); see the report, and prefer a "
-                      "higher precision for the streams or fewer layers per reversible run", stacklevel=2)
+                      f"{worst.grad_error:.3g} (more than {report.tolerance:g} for {dtype}); see the report, and "
+                      "prefer a higher precision for the streams or fewer layers per reversible run", stacklevel=2)
     return report

@@ -115,12 +115,18 @@ def reset_peak_rss() -> None:
 
 def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
                          dtype: str = "float32", steps: int = 1, attn: str = "sdpa", pretrained: str | None = None,
-                         **config: Any) -> dict:
+                         threads: int | None = None, **config: Any) -> dict:
     """In this process: build the model, warm up, then measure `steps` training steps (peak of the first).
 
     pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
+    threads:    torch's intra-op threads (None: torch's default). With 1, "step_cpu_s" (the process's CPU seconds
+                of the fastest step) is the step's work alone: other processes on a loaded machine barely move it,
+                where they stretch the wall-clock "step_s" (median) by any factor.
     """
     from .models import tiny_config, tiny_model_from_config
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     model_type = config.pop("model_type", "mixtral")
     torch.manual_seed(0)
@@ -158,19 +164,20 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         gc.collect()
         before = rss_bytes("VmRSS")
         reset_peak_rss()
-    times = []
+    times, cpu_times = [], []
     loss = None
     for i in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         if i == 0:
             peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
         model.zero_grad(set_to_none=False)
     return {"method": method, "depth": depth, "batch": batch, "seq": seq, "device": device, "dtype": dtype,
-            "peak_mb": peak / 2**20, "step_s": statistics.median(times), "loss": loss}
+            "peak_mb": peak / 2**20, "step_s": statistics.median(times), "step_cpu_s": min(cpu_times), "loss": loss}
 
 
 def measure_step(method: str, depth: int, **kwargs: Any) -> dict:

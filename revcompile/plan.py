@@ -70,6 +70,7 @@ class Plan:
     pairs: list[Pair]
     skipped: list[Skipped]
     structures: int
+    applied: bool = False  # the plan a converted model follows (make_reversible sets it)
 
     def table(self) -> str:
         rows = [[p.layer, "+".join(p.modules[0]), "+".join(p.modules[1]), p.kinds[1],
@@ -85,7 +86,8 @@ class Plan:
         return text
 
     def __str__(self) -> str:
-        head = (f"revcompile plan: {len(self.pairs)} pairs, {len(self.skipped)} skipped, in {', '.join(self.stacks)} "
+        head = (f"revcompile plan{' (applied)' if self.applied else ''}: {len(self.pairs)} pairs, "
+                f"{len(self.skipped)} skipped, in {', '.join(self.stacks)} "
                 f"({self.structures} distinct layer structure{'s' if self.structures != 1 else ''} traced)")
         return head + "\n" + self.table()
 
@@ -128,13 +130,16 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     """Find the residual attention -> FFN/MoE pairs of `model` without changing it.
 
     example_inputs: one forward call's input (a tensor, a tuple of arguments or a dict of keywords); by default a
-    few random tokens for the model's embedding. Raises RevcompileError when the model is not an nn.Module or has
-    no layer stack.
+    few random tokens for the model's embedding. On a converted model it returns the plan in effect
+    (`plan.applied` is True). Raises RevcompileError when the model is not an nn.Module or has no layer stack.
     """
     if not isinstance(model, nn.Module):
         raise RevcompileError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "_revcompile_plan", None) is not None:
+        return model._revcompile_plan
     if any(hasattr(m, "_revcompile") for m in model.modules()):
-        raise RevcompileError("this model is already converted by revcompile; call revcompile.undo(model) first")
+        raise RevcompileError("part of this model is already converted by revcompile (make_reversible was called on "
+                              "a submodule): analyze that submodule, or call revcompile.undo on it first")
     refuse_wrapped(model, f"revcompile converts the model before a distributed engine wraps it: {ORDER}")
     stacks = find_stacks(model, example_call(model, example_inputs))
     if not stacks:

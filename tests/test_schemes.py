@@ -16,6 +16,11 @@ from revcompile.pretrained import pretrain
 SCHEMES = list(revcompile.SCHEMES)
 IMPLICIT = {"fixed_point", "revffn"}
 MODELS = ("mixtral", "olmoe", "deepseek_v3", "plain")
+# Bounds from measured noise (fp64; model seeds 0-3 or 0-2, torch.set_num_threads(1) and 2, which gave identical
+# errors; torch 2.13 CPU): explicit schemes' worst gradient error 8.4e-11 (bound 1e-8: 100x margin); implicit ones
+# (fixed_point, revffn, whose iteration stops at tol 1e-9) 2.4e-7 on this machine and 1.3e-7 on another (issue 14),
+# so 1e-6 (4x the worst measured). Losses and logits came out bitwise equal (0), bounds 1e-10 and 1e-12.
+IMPLICIT_GRAD_TOL = 1e-6
 
 
 def convert(name: str, scheme: str, layers: int = 3, **options):
@@ -49,7 +54,7 @@ def test_scheme_gradients_match_reference(scheme, name):
     grads, ref_grads = all_grads(model, grads), all_grads(model, ref_grads)
     worst = max(ref_grads, key=lambda n: rel_err(grads[n], ref_grads[n]) if ref_grads[n].any() else 0)
     # implicit schemes are exact to their iteration tolerance (default 1e-9 in float64: see coupling.py)
-    assert rel_err(grads[worst], ref_grads[worst]) < (1e-6 if scheme in IMPLICIT else 1e-8), worst
+    assert rel_err(grads[worst], ref_grads[worst]) < (IMPLICIT_GRAD_TOL if scheme in IMPLICIT else 1e-8), worst
     added = [n for n in grads if "revcompile_modules" in n]
     assert bool(added) == (revcompile.get_scheme(scheme).new_modules is not None)
     assert any(grads[n].any() for n in added) or not added
@@ -73,10 +78,13 @@ def test_scheme_inverse_rebuilds_input(scheme, name):
         assert max(rel_err(a, b) for a, b in zip(out, streams)) > 1e-3
 
 
-@pytest.mark.parametrize("name, tol, grad_tol", [("plain", 1e-13, 1e-10), ("mixtral", None, 1e-7),
-                                                ("olmoe", None, 1e-6), ("deepseek_v3", None, 1e-6)])
+@pytest.mark.parametrize("name, tol, grad_tol", [("plain", 1e-13, 1e-10), ("mixtral", None, IMPLICIT_GRAD_TOL),
+                                                ("olmoe", None, IMPLICIT_GRAD_TOL),
+                                                ("deepseek_v3", None, IMPLICIT_GRAD_TOL)])
 def test_fixed_point_is_the_original_function(name, tol, grad_tol):
-    """Same loss and logits as the unconverted model, and its gradients to the iteration tolerance."""
+    """Same loss and logits as the unconverted model, and its gradients to the iteration tolerance.
+
+    The plain model at tol 1e-13: worst gradient error measured 1.5e-13 (seeds 0-3, 1 and 2 threads), bound 1e-10."""
     original = make_model(name, torch.float64).train()
     model = revcompile.make_reversible(copy.deepcopy(original), "fixed_point", tol=tol, recompute_chunks=1).train()
     ids = token_batch(model)

@@ -12,30 +12,36 @@ transformers v5 collects such outputs with forward hooks into a collector that i
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
-try:  # a private module of transformers v5; without it these features simply are not offered
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # pragma: no cover
-    _active_collector = None
-
 ROUTER_LOGITS = "router_logits"
+_CAPTURING = "transformers.utils.output_capturing"  # a private module of transformers v5
+
+
+def _collector_variable():
+    """transformers' collector context variable, or None while that module is not imported (nothing can be
+    collecting then; importing transformers here would cost every `import revcompile` seconds)."""
+    module = sys.modules.get(_CAPTURING)
+    return getattr(module, "_active_collector", None)
 
 
 def active_collector() -> dict | None:
     """The collector of the model call in progress, or None."""
-    return _active_collector.get() if _active_collector is not None else None
+    variable = _collector_variable()
+    return variable.get() if variable is not None else None
 
 
 @contextmanager
 def private_collector(*keys: str):
     """A fresh collector for `keys` while the block runs (used by the backward recompute)."""
     collected: dict[str, list] = {key: [] for key in keys}
-    if _active_collector is None:
+    variable = _collector_variable()
+    if variable is None:
         yield collected
         return
-    token = _active_collector.set(collected)
+    token = variable.set(collected)
     try:
         yield collected
     finally:
-        _active_collector.reset(token)
+        variable.reset(token)

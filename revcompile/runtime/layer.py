@@ -239,7 +239,6 @@ class LayerRuntime(StreamRuntime):
         self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
         self._roles: dict[str, fx.GraphModule] = {}
         self._build(layer, branch_graphs, signature)
-        self._warned_cache = False
 
     def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
         roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
@@ -300,11 +299,13 @@ class LayerRuntime(StreamRuntime):
 
         refuse_sharded_inside(layer)
         if any(_is_cache(v) for v in values):
-            if not self._warned_cache:
-                warnings.warn("a KV cache was passed to a reversible layer in training; it is not updated (the "
-                              "backward recompute would update it twice). Pass use_cache=False when training.",
-                              stacklevel=3)
-                self._warned_cache = True
+            # as under Hugging Face activation checkpointing, a cache is not used in training (the backward
+            # recompute would update it a second time); the one created for use_cache=True is empty: no notice
+            if any(_is_cache(v) and v.get_seq_length() for v in values) and not getattr(_state, "cache_notice", 0):
+                warnings.warn("a filled KV cache (past_key_values) was passed to a reversible layer in training; it "
+                              "is not used (as under activation checkpointing): pass no past_key_values in "
+                              "training", stacklevel=3)
+                _state.cache_notice = 1
             values = [None if _is_cache(v) else v for v in values]
         observer, observe = getattr(_state, "observer", None), None
         if observer is not None:
@@ -327,10 +328,27 @@ def _straight_through(value: torch.Tensor, expression: Callable[[], torch.Tensor
 
 
 class ReversibleLayer:
-    """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime."""
+    """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime.
+
+    Hugging Face activation checkpointing reads the layer's `gradient_checkpointing` flag: on a converted layer it
+    reads False (the layer already rebuilds its activations; checkpointing it too would run it once more per step).
+    What is set is kept for the original layer, which `revcompile.undo` restores; setting True warns.
+    """
 
     def forward(self, *args, **kwargs):
         return self._revcompile(self, args, kwargs)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return False
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        if value:  # a warning per call site (Python's default filter): one per gradient_checkpointing_enable()
+            from ..api import CHECKPOINTING_OFF
+
+            warnings.warn(CHECKPOINTING_OFF, stacklevel=2)
+        self.__dict__["gradient_checkpointing"] = value
 
 
 _CLASSES: dict[type, type] = {}

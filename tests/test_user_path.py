@@ -1,0 +1,139 @@
+"""A new user's path (issue 14): save and reload a trained converted model, undo that never silently changes a
+trained model, Hugging Face checkpointing and use_cache=True, analyze on a converted model, a light import."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import revcompile
+from conftest import lm_loss, make_model, token_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_KERNELS = dict(attn_implementation="eager", experts_implementation="eager")  # as tiny_config builds them
+
+
+def train(model, steps: int = 2, lr: float = 1e-2) -> None:
+    """A few AdamW steps, so that the weights are trained under the model's scheme."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        lm_loss(model, token_batch(model, seed=step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("scheme", list(revcompile.SCHEMES))
+def test_trained_converted_model_reloads_exactly(scheme, tmp_path):
+    """save_pretrained -> revcompile.from_pretrained gives the trained function back, bit for bit."""
+    model = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=2), scheme)
+    train(model)
+    model.save_pretrained(tmp_path)
+    reloaded = revcompile.from_pretrained(str(tmp_path), **TINY_KERNELS)
+    ids = token_batch(model, seed=9)
+    model.eval()
+    with torch.no_grad():
+        out, again = model(ids, labels=ids), reloaded(ids, labels=ids)
+    assert torch.equal(out.logits, again.logits) and torch.equal(out.loss, again.loss)
+    assert revcompile.analyze(reloaded).applied and len(revcompile.converted_layers(reloaded)) == 2
+    if scheme != "fixed_point":  # every other scheme changes the function: its trained weights need it
+        with pytest.raises(revcompile.RevcompileError, match="revcompile.from_pretrained"):
+            revcompile.undo(reloaded)
+
+
+def test_conversion_options_are_recorded_in_config_json(tmp_path):
+    model = make_model("mixtral", torch.float32, layers=3)
+    revcompile.make_reversible(model, "meft2", max_run=2, recompute_chunks=2, beta=0.5, rank=4)
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())["revcompile"]
+    assert record["scheme"] == "meft2" and record["options"] == {"beta": 0.5, "rank": 4}
+    assert record["max_run"] == 2 and record["recompute_chunks"] == 2 and record["invert"] is True
+    assert record["layers"] == [f"model.layers.{i}" for i in range(3)] and record["not_recorded"] == []
+    reloaded = revcompile.from_pretrained(str(tmp_path), **TINY_KERNELS)
+    runtimes = [layer._revcompile for layer in revcompile.converted_layers(reloaded)]
+    assert [(rt.is_first, rt.is_last) for rt in runtimes] == [(True, False), (False, True), (True, True)]
+    assert reloaded.model.layers[0].revcompile_modules.adapter_f.down.out_features == 4
+
+
+def test_from_pretrained_of_an_unconverted_checkpoint_is_a_clear_error(tmp_path):
+    make_model("mixtral", torch.float32, layers=2).save_pretrained(tmp_path)
+    with pytest.raises(revcompile.RevcompileError, match="records no revcompile conversion"):
+        revcompile.from_pretrained(str(tmp_path))
+
+
+def test_undo_after_training_under_a_function_changing_scheme_needs_force():
+    model = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=2))
+    train(model)
+    with pytest.raises(revcompile.RevcompileError, match="trained under the 'symplectic' scheme.*force=True"):
+        revcompile.undo(model)
+    assert len(revcompile.converted_layers(model)) == 2  # refused: still converted
+    revcompile.undo(model, force=True)
+    assert not revcompile.converted_layers(model) and not hasattr(model.config, "revcompile")
+    exact = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=2), "fixed_point")
+    train(exact)
+    revcompile.undo(exact)  # fixed_point keeps the function: the trained weights mean the same without it
+
+
+def attention_calls_per_step(model) -> int:
+    calls = []
+    hooks = [layer.self_attn.register_forward_hook(lambda *_: calls.append(1)) for layer in model.model.layers]
+    lm_loss(model.train(), token_batch(model)).backward()
+    for hook in hooks:
+        hook.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_hf_checkpointing_is_switched_off_on_converted_layers(order):
+    """A reversible layer runs its attention twice a step (forward, recompute); checkpointed too, 3 times."""
+    model = make_model("mixtral", torch.float32, layers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        if order == "before":
+            model.gradient_checkpointing_enable()
+        revcompile.make_reversible(model)
+        if order == "after":
+            model.gradient_checkpointing_enable()
+        assert attention_calls_per_step(model) == 4
+    notes = [w for w in caught if "activation checkpointing is switched off" in str(w.message)]
+    assert len(notes) == 1
+    revcompile.undo(model, force=True)  # the original layers checkpoint again, as asked: forward and recompute
+    assert attention_calls_per_step(model) == 4
+    model.gradient_checkpointing_disable()
+    assert attention_calls_per_step(model) == 2
+
+
+def test_readme_example_runs_without_warnings():
+    """HF models default to use_cache=True: the cache is simply not used in training, without a word."""
+    model = make_model("mixtral", torch.float32, layers=2)
+    ids = token_batch(model)
+    assert model.config.use_cache and model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        revcompile.make_reversible(model)
+        model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_analyze_on_a_converted_model_returns_the_plan_in_effect():
+    model = make_model("mixtral", layers=2)
+    assert not revcompile.analyze(model).applied
+    revcompile.make_reversible(model)
+    plan = revcompile.analyze(model)
+    assert plan.applied and [p.layer for p in plan.pairs] == ["model.layers.0", "model.layers.1"]
+    assert str(plan).startswith("revcompile plan (applied): 2 pairs")
+
+
+def test_import_loads_nothing_heavy():
+    """`import revcompile` (and so every CLI call) leaves Dynamo, Inductor, transformers and matplotlib unloaded;
+    the torch.compile backend is still found, through the package's entry point."""
+    code = ("import sys, revcompile, revcompile.cli; "
+            "print([m for m in ('torch._dynamo', 'torch._inductor', 'transformers', 'matplotlib') if m in sys.modules])"
+            "; import torch._dynamo; print(torch._dynamo.lookup_backend('revcompile').__module__)")
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "revcompile.backend"]
