@@ -20,6 +20,7 @@ from .distributed import refuse_wrapped
 from .errors import RevcompileError
 from .plan import Pair, analyze
 from .runtime.compiled import BranchCompiler
+from .runtime.head import HEADS, convert_head, has_chunked_head, head_transform, undo_head
 from .runtime.layer import NEW_MODULES, LayerRuntime, chunks_by_branch, disable_inversion, reversible_class
 from .schemes import SchemeConfig, get_scheme
 
@@ -28,7 +29,8 @@ __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted
 
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
                     example_inputs: Any = None, recompute_chunks: int | None = None, max_run: int | None = None,
-                    compile: bool = False, **options) -> nn.Module:
+                    compile: bool = False, head: str = "chunked", head_chunk_tokens: int | None = None,
+                    **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.SCHEMES` and the README's guide), its config
@@ -47,6 +49,12 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                      where slicing costs more time than it saves memory: see replay.AUTO_CHUNKS).
     compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
                      compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
+    head:            "chunked" (default): a Hugging Face causal LM called with labels (grad enabled) computes
+                     lm_head + cross-entropy in token chunks, never materialising the logits or their gradient;
+                     its output's `logits` is then None (see `revcompile/runtime/head.py`). "original": leave the
+                     head and loss as they are. `plan.head` says which ran and why.
+    head_chunk_tokens: tokens per chunk of the chunked head (None: a chunk's logits about the size of the hidden
+                     states).
 
     Returns the model; `model._revcompile_plan` is the Plan it followed. Layers that cannot be converted are left
     as they are and listed in `plan.skipped`. Schemes with adapters or projections (meft*, revffn) add them to
@@ -59,11 +67,16 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
         raise RevcompileError(f"recompute_chunks must be a positive integer or None, got {recompute_chunks!r}")
     if max_run is not None and (not isinstance(max_run, int) or max_run < 1):
         raise RevcompileError(f"max_run must be a positive integer or None, got {max_run!r}")
+    if head not in HEADS:
+        raise RevcompileError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
+    if head_chunk_tokens is not None and (not isinstance(head_chunk_tokens, int) or head_chunk_tokens < 1):
+        raise RevcompileError(f"head_chunk_tokens must be a positive integer or None, got {head_chunk_tokens!r}")
     plan = analyze(model, example_inputs)
     if not plan.pairs:
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
         raise RevcompileError(f"{type(model).__name__} has no residual attention -> FFN/MoE pair to convert "
                               f"({reasons})")
+    head_skipped, softcap = head_transform(model, example_inputs) if head == "chunked" else ("head='original'", None)
     if scheme.new_modules is not None:
         added = [_new_modules(pair, scheme) for pair in plan.pairs]  # all built (and validated) before any is set
         for pair, modules in zip(plan.pairs, added):
@@ -85,6 +98,10 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                                                                      recompute_chunks), compiler=compiler)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
+    if head_skipped is None:
+        convert_head(model, softcap, head_chunk_tokens)
+    plan.head = (f"chunked (softcap {softcap:g})" if softcap else "chunked") if head_skipped is None else \
+        f"original ({head_skipped})"
     model._revcompile_plan = plan
     return model
 
@@ -101,13 +118,13 @@ def converted_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def undo(model: nn.Module) -> nn.Module:
-    """Restore the original layers of a converted model (in place; returns it).
+    """Restore the original layers and LM head of a converted model (in place; returns it).
 
     The original parameters are untouched; modules a scheme added (MEFT's adapters, RevFFN's projections) are
     removed with their weights, since the original architecture has no place for them.
     """
     layers = converted_layers(model)
-    if not layers:
+    if not layers and not has_chunked_head(model):
         raise RevcompileError("this model was not converted by revcompile.make_reversible; nothing to undo")
     refuse_wrapped(model, "undo works on the unwrapped model: call it before fully_shard (whose layer classes it "
                           "would drop), or on the model inside DistributedDataParallel (revcompile.undo(ddp.module))")
@@ -116,7 +133,8 @@ def undo(model: nn.Module) -> nn.Module:
         del layer._revcompile
         if hasattr(layer, NEW_MODULES):  # adapters and projections a scheme added: the original has no place for them
             delattr(layer, NEW_MODULES)
-    del model._revcompile_plan
+    undo_head(model)
+    model.__dict__.pop("_revcompile_plan", None)  # (absent after chunked_head alone)
     return model
 
 

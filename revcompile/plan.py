@@ -70,6 +70,7 @@ class Plan:
     pairs: list[Pair]
     skipped: list[Skipped]
     structures: int
+    head: str | None = None  # set by make_reversible: how the LM head and loss run (see runtime/head.py)
 
     def table(self) -> str:
         rows = [[p.layer, "+".join(p.modules[0]), "+".join(p.modules[1]), p.kinds[1],
@@ -87,7 +88,7 @@ class Plan:
     def __str__(self) -> str:
         head = (f"revcompile plan: {len(self.pairs)} pairs, {len(self.skipped)} skipped, in {', '.join(self.stacks)} "
                 f"({self.structures} distinct layer structure{'s' if self.structures != 1 else ''} traced)")
-        return head + "\n" + self.table()
+        return head + "\n" + self.table() + (f"\n\nLM head and loss: {self.head}" if self.head else "")
 
 
 def _inversions(stats) -> str:
