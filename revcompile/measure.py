@@ -149,10 +149,13 @@ class PhasePeaks:
 
 def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
                          dtype: str = "float32", steps: int = 1, attn: str = "sdpa", pretrained: str | None = None,
-                         split: bool = False, optimizer: str | None = None, **config: Any) -> dict:
+                         split: bool = False, optimizer: str | None = None, warmup_batch: int | None = None,
+                         **config: Any) -> dict:
     """In this process: build the model, warm up, then measure `steps` training steps (peak of the first).
 
     pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
+    warmup_batch: the batch of the warm-up step (None: `batch`); a smaller one saves time, gradients are
+                allocated all the same.
     split:      (CPU) also report the first step's peak by phase (PhasePeaks: layers' forward, head, layers'
                 backward) and the bytes of weights, gradients and optimizer state.
     optimizer:  None: forward and backward only, gradients kept allocated; "adamw": each step also runs
@@ -164,7 +167,6 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
     from .models import tiny_config, tiny_model_from_config
 
     model_type = config.pop("model_type", "mixtral")
-    start = torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes("VmRSS")  # before the model
     torch.manual_seed(0)
     if pretrained:
         from transformers import AutoModelForCausalLM
@@ -178,6 +180,9 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         model = tiny_model_from_config(cfg)
     model = model.to(device=device, dtype=getattr(torch, dtype))
     model.config.use_cache = False
+    # the process with the model's code imported, before its weights: total_peak_mb's reference
+    start = torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes("VmRSS")
+    start -= sum(p.numel() * p.element_size() for p in model.parameters())
     forward = prepare(model, method)
     model.train()
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
@@ -191,7 +196,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
     elif optimizer is not None:
         raise ValueError(f"unknown optimizer {optimizer!r}: None, 'adamw' or 'adamw-in-backward'")
 
-    def step():
+    def step(ids=ids):
         loss = forward(ids, labels=ids).loss
         loss.backward()
         if opt is not None:
@@ -199,7 +204,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
             opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    step()
+    step(ids[:warmup_batch])
     model.zero_grad(set_to_none=optimizer is not None)
     cuda = device.startswith("cuda")
     if cuda:
