@@ -181,8 +181,8 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
     model = model.to(device=device, dtype=getattr(torch, dtype))
     model.config.use_cache = False
     # the process with the model's code imported, before its weights: total_peak_mb's reference
-    start = torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes("VmRSS")
-    start -= sum(p.numel() * p.element_size() for p in model.parameters())
+    baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes("VmRSS")
+    baseline -= sum(p.numel() * p.element_size() for p in model.parameters())
     forward = prepare(model, method)
     model.train()
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
@@ -236,7 +236,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
     result = {"method": method, "depth": depth, "batch": batch, "seq": seq, "device": device, "dtype": dtype,
               "peak_mb": peak / 2**20, "step_s": statistics.median(times), "loss": loss}
     if optimizer is not None:
-        result.update(optimizer=optimizer, total_peak_mb=(peak + before - start) / 2**20)
+        result.update(optimizer=optimizer, total_peak_mb=(peak + before - baseline) / 2**20)
     if phases is not None:
         states = [t for state in (opt.state.values() if opt else []) for t in state.values() if torch.is_tensor(t)]
         result.update(split_mb, weights_mb=_mb(model.parameters()),
