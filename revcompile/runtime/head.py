@@ -158,7 +158,7 @@ class HeadRuntime:
     conversion (softcap or None), the chunk size, and the hidden states recorded during a call."""
 
     def __init__(self, model: nn.Module, head: nn.Linear, softcap: float | None, chunk_tokens: int | None):
-        self.original_class, self.head_class = type(model), type(head)
+        self.original_class, self.head_class = _original(type(model)), _original(type(head))
         self.signature = inspect.signature(type(model).forward)
         self.head, self.softcap, self.chunk_tokens = head, softcap, chunk_tokens
         self.recorded: list[torch.Tensor] | None = None  # a list while a call with labels runs
@@ -178,7 +178,9 @@ class ChunkedHeadModel(nn.Module):
     """Mixin of a converted causal LM's class: calls with labels and grad enabled run the chunked loss."""
 
     def forward(self, *args, **kwargs):
-        runtime: HeadRuntime = self._revcompile_head
+        runtime: HeadRuntime | None = self.__dict__.get("_revcompile_head")
+        if runtime is None:  # an instance made from the class itself (type(model).from_pretrained): unconverted
+            return super().forward(*args, **kwargs)
         bound = runtime.signature.bind(self, *args, **kwargs).arguments
         labels = bound.get("labels", bound.get("kwargs", {}).get("labels"))
         if labels is None or not torch.is_grad_enabled() or kwargs.get("return_dict") is False:
@@ -192,8 +194,8 @@ class ChunkedHeadModel(nn.Module):
 
     @property
     def loss_function(self):
-        runtime = self._revcompile_head
-        return runtime.loss if runtime.recorded is not None else super().loss_function
+        runtime = self.__dict__.get("_revcompile_head")
+        return runtime.loss if runtime is not None and runtime.recorded is not None else super().loss_function
 
     @loss_function.setter
     def loss_function(self, value):
@@ -205,14 +207,19 @@ class ChunkedHead(nn.Module):
     return a (..., 1) placeholder instead of the logits."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        runtime: HeadRuntime = self._revcompile_head
-        if runtime.recorded is None:
+        runtime: HeadRuntime | None = self.__dict__.get("_revcompile_head")
+        if runtime is None or runtime.recorded is None:
             return super().forward(hidden)
         runtime.recorded.append(hidden)
         return hidden.new_zeros(()).expand(*hidden.shape[:-1], 1)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _original(cls: type) -> type:
+    """The class a Chunked subclass was made from (itself if it is none)."""
+    return cls.__bases__[1] if issubclass(cls, (ChunkedHeadModel, ChunkedHead)) else cls
 
 
 def _subclass(mixin: type, cls: type) -> type:
@@ -261,8 +268,8 @@ def convert_head(model: nn.Module, softcap: float | None, chunk_tokens: int | No
     lm_head = model.get_output_embeddings()
     runtime = HeadRuntime(model, lm_head, softcap, chunk_tokens)
     model._revcompile_head = lm_head._revcompile_head = runtime
-    model.__class__ = _subclass(ChunkedHeadModel, type(model))
-    lm_head.__class__ = _subclass(ChunkedHead, type(lm_head))
+    model.__class__ = _subclass(ChunkedHeadModel, runtime.original_class)
+    lm_head.__class__ = _subclass(ChunkedHead, runtime.head_class)
 
 
 def chunked_head(model: nn.Module, chunk_tokens: int | None = None, example_inputs: Any = None) -> nn.Module:
