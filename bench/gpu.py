@@ -5,6 +5,13 @@ Prepared for a session that is lent a GPU machine (the test suite never needs on
 
     python bench/gpu.py --out bench/results          # -> gpu_<device>.{md,json,png}
     python bench/gpu.py --small --device cpu         # a dry run of the script itself, tiny config
+    python bench/gpu.py --methods checkpointing checkpointing-chunked revcompile --vocab 151936 --suffix _vocab152k
+    python bench/gpu.py --methods revcompile --optimizer adamw-in-backward --suffix _optim_in_backward
+
+The vocabulary is OLMoE's 50,304 unless --vocab says otherwise. revcompile chunks the LM head and loss by default;
+"checkpointing-chunked" is HF checkpointing with the same chunked loss, "revcompile-original-head" revcompile with
+Hugging Face's. --optimizer adds AdamW's step to every step (after backward, or inside it with
+revcompile.optimizer_in_backward), so the total peak includes gradients and optimizer state.
 
 For each method the batch doubles (seq fixed) until the step runs out of memory or the time budget is spent.
 Memory is torch.cuda.max_memory_allocated above the level of weights + allocated gradients.
@@ -24,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import revcompile  # noqa: E402
 from revcompile.measure import METHOD_LABELS, prepare  # noqa: E402
 from revcompile.models import tiny_config, tiny_model_from_config  # noqa: E402
+from revcompile.runtime.head import has_chunked_head  # noqa: E402
 
 OLMOE_1B_7B = dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
                    num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
@@ -33,12 +41,13 @@ SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_atte
 
 
 def set_method(model: torch.nn.Module, method: str, device: str) -> None:
-    if revcompile.converted_layers(model):
+    if revcompile.converted_layers(model) or has_chunked_head(model):
         revcompile.undo(model)
     model.gradient_checkpointing_disable()
-    if method == "revcompile":
+    if method in ("revcompile", "revcompile-original-head"):
         ids = torch.randint(0, 100, (1, 8), device=device)
-        revcompile.make_reversible(model, example_inputs=dict(input_ids=ids, use_cache=False))
+        revcompile.make_reversible(model, example_inputs=dict(input_ids=ids, use_cache=False),
+                                   head="original" if method == "revcompile-original-head" else "chunked")
     else:
         prepare(model, method)
 
@@ -46,7 +55,7 @@ def set_method(model: torch.nn.Module, method: str, device: str) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     cuda = args.device.startswith("cuda")
     config = tiny_config("olmoe", attn_implementation="sdpa", experts_implementation="grouped_mm" if cuda else "eager",
-                         **(SMALL if args.small else OLMOE_1B_7B))
+                         **dict(SMALL if args.small else OLMOE_1B_7B, **({"vocab_size": args.vocab} if args.vocab else {})))
     torch.manual_seed(0)
     with torch.device(args.device):
         model = tiny_model_from_config(config).to(torch.bfloat16 if cuda else torch.float32)
@@ -58,33 +67,41 @@ def run(args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         deadline = time.time() + args.budget_s / len(args.methods)
         set_method(model, method, args.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6) if args.optimizer == "adamw" else None
+        in_backward = (revcompile.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-6)
+                       if args.optimizer == "adamw-in-backward" else None)
         batches = iter(args.batches) if args.batches else None
         batch = next(batches) if batches else 1
         while batch is not None and batch <= args.max_batch and time.time() < deadline:
             ids = torch.randint(0, config.vocab_size, (batch, args.seq), device=args.device)
-            row = dict(method=method, batch=batch, seq=args.seq, tokens=batch * args.seq, params_b=params / 1e9)
+            row = dict(method=method, batch=batch, seq=args.seq, tokens=batch * args.seq, params_b=params / 1e9,
+                       vocab=config.vocab_size, optimizer=args.optimizer)
+
+            def step():
+                model(ids, labels=ids).loss.backward()
+                if opt is not None:
+                    opt.step()
+                model.zero_grad(set_to_none=args.optimizer is not None)
+
             try:
-                model(ids, labels=ids).loss.backward()  # warm-up; allocates gradients
-                model.zero_grad(set_to_none=False)
+                step()  # warm-up; allocates gradients (and optimizer state)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated() if cuda else 0
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    loss = model(ids, labels=ids).loss
-                    loss.backward()
-                    model.zero_grad(set_to_none=False)
+                    step()
                 if cuda:
                     torch.cuda.synchronize()
                 step_s = (time.perf_counter() - start) / args.steps
-                row.update(ok=True, loss=float(loss), step_s=step_s, tokens_per_s=batch * args.seq / step_s,
+                row.update(ok=True, step_s=step_s, tokens_per_s=batch * args.seq / step_s,
                            peak_gb=((torch.cuda.max_memory_allocated() - base) / 2**30) if cuda else None,
                            total_peak_gb=(torch.cuda.max_memory_allocated() / 2**30) if cuda else None)
             except torch.OutOfMemoryError:
                 row.update(ok=False)
             finally:
-                ids = loss = None
+                ids = None
                 model.zero_grad(set_to_none=False)
                 if cuda:
                     torch.cuda.empty_cache()
@@ -93,6 +110,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             if not row["ok"]:
                 break
             batch = next(batches, None) if batches else 2 * batch
+        if in_backward is not None:
+            in_backward.remove()
+        opt = None
     return results
 
 
@@ -130,7 +150,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", help="these batch sizes instead of doubling from 1")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=360, help="time for all methods; each gets an equal share")
-    parser.add_argument("--methods", nargs="+", default=["plain", "checkpointing", "revcompile"])
+    parser.add_argument("--methods", nargs="+", default=["plain", "checkpointing", "checkpointing-chunked", "revcompile"])
+    parser.add_argument("--vocab", type=int, help="vocabulary size (default: OLMoE's 50304; --small: 512)")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw-in-backward"],
+                        help="also step AdamW in every step (after backward, or inside it)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--suffix", default="", help="appended to the result files' names")
     args = parser.parse_args()

@@ -1,14 +1,20 @@
-"""The largest batch whose training step stays under a memory cap: plain training, HF activation checkpointing
-and revcompile, on issue 2's configuration at depth 16 (each measurement a child process; see
-revcompile/measure.py).
+"""The largest batch whose whole training step (layers, LM head and loss) stays under a memory cap, at a real
+vocabulary: HF activation checkpointing with its default loss and with revcompile's chunked loss, and revcompile,
+on a tiny Mixtral (hidden 256, vocab 32,000, seq 512; each measurement a child process, see revcompile/measure.py).
 
-    python bench/maxbatch.py                    # CPU, depth 16, cap 192 MB -> bench/results/maxbatch.{md,json,png}
+    python bench/maxbatch.py --depth 16         # CPU, cap 512 MB -> bench/results/maxbatch_d16.{md,json,png}
+    python bench/maxbatch.py --depth 16 --search
 
-The sequence length stays fixed (512) and the batch size is searched. It doubles from 1 until a step goes over
-the cap, then the bracket is split until it closes. Memory grows about linearly with batch, so both phases aim by
-a straight line through the peaks already measured: growth stops one past where the line reaches the cap, and the
-bracket is split where it does; a search closes in a run or two past the doubling, where halving takes four.
-The cap applies to the step's peak above weights and gradients (`peak_mb`), not to the process total.
+The sequence length stays fixed (512). Each step's peak is split by phase (revcompile.measure.PhasePeaks): what the
+layers keep when the head starts, the head's working set, the layers' backward. Two ways to find the batch:
+- default (`--fit-batches 1 2`): measure the peak at a few small batches and fit a straight line (memory grows
+  linearly with batch: `fixed + per_sequence * batch`); the largest batch is where the line reaches the cap. For a
+  machine where a step at the searched batch takes minutes.
+- `--search`: measure until the bracket closes. The batch doubles from 1 until a step goes over the cap, then the
+  bracket is split where a straight line through the peaks measured reaches the cap.
+The cap applies to the step's peak above weights and gradients (`peak_mb`), not to the process total. With
+`--optimizer-batch B` the script also measures, at batch B, the total peak (weights, gradients, AdamW state and
+the step) of revcompile with AdamW stepped after backward and inside it (revcompile.optimizer_in_backward).
 """
 
 from __future__ import annotations
@@ -27,9 +33,18 @@ from tabulate import tabulate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from revcompile.measure import MEMORY_CONFIG, METHOD_LABELS, METHODS, measure_step  # noqa: E402
+from revcompile.measure import HEAD_METHODS, METHOD_LABELS, measure_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# issue 12's configuration: tiny Mixtral at a real vocabulary, where the logits are the largest tensors of a step
+CONFIG = dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_attention_heads=8,
+              num_key_value_heads=8)
+
+
+def measure(method: str, batch: int, args: argparse.Namespace, **extra) -> dict:
+    """One step of `method` at `batch` in a child process, its peak split by phase."""
+    return measure_step(method, args.depth, device=args.device, batch=batch, seq=args.seq, split=True,
+                        warmup_batch=1, vocab_size=args.vocab, **CONFIG, **extra)
 
 
 def crossing(small: int, large: int, peak: dict[int, float], cap_mb: float) -> float:
@@ -63,8 +78,7 @@ def largest_batch(method: str, args: argparse.Namespace) -> dict:
     progress = tqdm(total=args.max_runs, desc=METHOD_LABELS[method], unit="run", leave=False)
 
     def fits(batch: int) -> bool:
-        config = dict(MEMORY_CONFIG, batch=batch, seq=args.seq)
-        run = measure_step(method, args.depth, device=args.device, **config)
+        run = measure(method, batch, args)
         run["fits"] = run["peak_mb"] <= args.cap_mb
         runs.append(run)
         peak[batch] = run["peak_mb"]
@@ -84,32 +98,76 @@ def largest_batch(method: str, args: argparse.Namespace) -> dict:
             "runs": runs}
 
 
+def fitted_batch(method: str, args: argparse.Namespace) -> dict:
+    """Measure `method` at args.fit_batches and fit peak = fixed + per_sequence * batch (least squares); the
+    largest batch is where that line reaches the cap (0 if batch 1 does not fit)."""
+    runs = [measure(method, batch, args) for batch in tqdm(args.fit_batches, desc=METHOD_LABELS[method], leave=False)]
+    xs, ys = [r["batch"] for r in runs], [r["peak_mb"] for r in runs]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    fixed = mean_y - slope * mean_x
+    batch = max(0, math.floor((args.cap_mb - fixed) / slope)) if slope > 0 else math.inf
+    return {"method": method, "batch": batch, "per_sequence_mb": slope, "fixed_mb": fixed, "runs": runs}
+
+
 def megabytes(value: float | None) -> str:
     """`value` in MB with one decimal, or "-" when unmeasured."""
     return "-" if value is None else f"{value:.1f}"
 
 
-def report(results: list[dict], args: argparse.Namespace) -> str:
-    """The markdown table and notes."""
-    plain = next((r["batch"] for r in results if r["method"] == "plain"), 0)
-    rows = [[METHOD_LABELS[r["method"]], r["batch"], r["batch"] * args.seq,
-             f"{r['batch'] / plain:.1f}x" if plain else "-",
-             megabytes(r["peak_mb"]), "-" if r["over"] is None else f"{r['over']} ({megabytes(r['over_peak_mb'])})",
-             len(r["runs"])] for r in results]
-    table = tabulate(rows, headers=["method", "largest batch", "tokens / step", "vs plain", "its step peak MB",
-                                    "smallest batch over the cap (MB)", "child runs"], tablefmt="github")
-    cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items() if k not in ("batch", "seq"))
-    notes = [f"sequence fixed at {args.seq} tokens, batch size searched; tokens / step = batch x {args.seq}",
+def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Namespace) -> str:
+    """The markdown tables and notes."""
+    batch = {r["method"]: r["batch"] for r in results}
+
+    def ratio(method: str, base: str) -> str:
+        return f"{batch[method] / batch[base]:.1f}x" if batch.get(base) else "-"
+
+    rows = []
+    for r in results:
+        last = r["runs"][-1] if args.search else max(r["runs"], key=lambda run: run["batch"])
+        if args.search:  # the split of the largest batch that fit
+            last = next((run for run in reversed(r["runs"]) if run["fits"]), last)
+        rows.append([METHOD_LABELS[r["method"]], r["batch"], r["batch"] * args.seq, ratio(r["method"], "checkpointing"),
+                     ratio(r["method"], "checkpointing-chunked"),
+                     megabytes(r.get("per_sequence_mb")), megabytes(r.get("fixed_mb")), last["batch"],
+                     megabytes(last["peak_mb"]), megabytes(last["kept_mb"]), megabytes(last["head_mb"] - last["kept_mb"]),
+                     megabytes(last["layers_backward_mb"]), megabytes(last["weights_mb"] + last["grads_mb"])])
+    table = tabulate(rows, headers=["method", "largest batch", "tokens / step", "vs HF ckpt", "vs HF ckpt + chunked",
+                                    "MB / sequence", "fixed MB", "measured at batch", "step peak MB",
+                                    "kept by the layers at the head", "head working set",
+                                    "layers' backward peak", "weights + grads MB"], tablefmt="github")
+    how = (f"batch searched in child runs until the bracket closed (at most {args.max_runs} per method)" if args.search
+           else f"peaks measured at batches {', '.join(map(str, args.fit_batches))} (one child process each) and "
+                "fitted with a straight line, fixed MB + MB / sequence x batch; the largest batch is where it reaches "
+                "the cap (extrapolated, not run)")
+    notes = [f"sequence fixed at {args.seq} tokens; tokens / step = batch x {args.seq}; {how}",
              f"cap {args.cap_mb:g} MB on the step's peak above the pre-step level: weights and gradients "
              "(allocated before the step) are not counted",
-             f"{args.depth} layers, {cfg}, fp32, {args.device}"]
+             "split of one measured step (peak RSS by phase, above the pre-step level): what the layers keep for "
+             "backward when the LM head starts; the head's working set (peak from the head's forward to the "
+             "gradient of its input, minus what was kept); the peak of the layers' backward after it",
+             f"{args.depth} layers, tiny Mixtral ({', '.join(f'{k}={v}' for k, v in CONFIG.items() if k != 'model_type')}"
+             f", 4 experts top-2), vocab {args.vocab}, sdpa attention, eager experts, fp32, {args.device}"]
     notes += [f"{METHOD_LABELS[r['method']]}: the search stopped at {args.max_runs} runs before closing; the "
               f"largest batch is at least {r['batch']}" + (f" and below {r['over']}" if r["over"] else "")
-              for r in results if r["over"] is None or r["over"] - r["batch"] > 1]
-    return (f"# Largest batch under a {args.cap_mb:g} MB step-memory cap ({args.device})\n\n"
-            f"`python bench/maxbatch.py --device {args.device} --depth {args.depth} --cap-mb {args.cap_mb:g} "
-            f"--seq {args.seq} --max-runs {args.max_runs} --methods {' '.join(args.methods)}`\n\n"
-            f"{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+              for r in results if args.search and (r["over"] is None or r["over"] - r["batch"] > 1)]
+    command = (f"python bench/maxbatch.py --device {args.device} --depth {args.depth} --cap-mb {args.cap_mb:g} "
+               f"--seq {args.seq} --vocab {args.vocab} --methods {' '.join(args.methods)} "
+               + (f"--search --max-runs {args.max_runs}" if args.search else
+                  f"--fit-batches {' '.join(map(str, args.fit_batches))}")
+               + (f" --optimizer-batch {args.optimizer_batch}" if args.optimizer_batch else ""))
+    text = (f"# Largest batch under a {args.cap_mb:g} MB step-memory cap, vocab {args.vocab} ({args.device})\n\n"
+            f"`{command}`\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    if optimizer_runs:
+        rows = [[METHOD_LABELS[r["method"]], r["optimizer"], r["batch"], megabytes(r["total_peak_mb"]),
+                 megabytes(r["weights_mb"]), megabytes(r["peak_mb"])] for r in optimizer_runs]
+        text += ("\n## Optimizer state and gradients\n\n" + tabulate(
+            rows, headers=["method", "optimizer", "batch", "total peak MB (above the process before the model)",
+                           "weights MB", "step peak above weights, grads, state MB"], tablefmt="github")
+            + "\n\n- adamw: AdamW.step() after backward, zero_grad(set_to_none=True); adamw-in-backward: "
+              "revcompile.optimizer_in_backward(model, torch.optim.AdamW), each parameter stepped and its gradient "
+              "freed as soon as backward completes it\n")
+    return text
 
 
 def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
@@ -117,11 +175,11 @@ def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [METHOD_LABELS[r["method"]] for r in results]
     tokens = [r["batch"] * args.seq for r in results]
-    bars = ax.bar(labels, tokens, color=[f"C{METHODS.index(r['method'])}" for r in results])
+    bars = ax.bar(labels, tokens, color=[f"C{HEAD_METHODS.index(r['method'])}" for r in results])
     ax.bar_label(bars, [f"batch {r['batch']}" for r in results])
     ax.set(ylabel=f"tokens per step (batch x {args.seq})",
            title=f"Largest step under {args.cap_mb:g} MB above weights+grads\n"
-                 f"(tiny Mixtral, {args.depth} layers, {args.device})")
+                 f"(tiny Mixtral, {args.depth} layers, vocab {args.vocab}, {args.device})")
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -130,24 +188,33 @@ def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cap-mb", type=float, default=192, help="cap on the step's peak above weights+grads")
+    parser.add_argument("--cap-mb", type=float, default=512, help="cap on the step's peak above weights+grads")
     parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=MEMORY_CONFIG["seq"])
-    parser.add_argument("--methods", nargs="+", default=["plain", "checkpointing", "revcompile"], choices=METHODS)
-    parser.add_argument("--max-runs", type=int, default=10, help="child runs per method at most")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--methods", nargs="+", default=["checkpointing", "checkpointing-chunked", "revcompile"],
+                        choices=HEAD_METHODS)
+    parser.add_argument("--search", action="store_true", help="search the batch instead of fitting a line")
+    parser.add_argument("--fit-batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--max-runs", type=int, default=10, help="--search: child runs per method at most")
+    parser.add_argument("--optimizer-batch", type=int, default=0,
+                        help="also measure revcompile's total peak with AdamW and AdamW in backward at this batch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     args = parser.parse_args()
 
-    results = [largest_batch(method, args) for method in tqdm(args.methods, desc="methods")]
-    text = report(results, args)
+    find = largest_batch if args.search else fitted_batch
+    results = [find(method, args) for method in tqdm(args.methods, desc="methods")]
+    optimizer_runs = [measure("revcompile", args.optimizer_batch, args, optimizer=optimizer)
+                      for optimizer in ("adamw", "adamw-in-backward")] if args.optimizer_batch else []
+    text = report(results, optimizer_runs, args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "maxbatch")
+    stem = os.path.join(args.out, f"maxbatch_d{args.depth}")
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".json", "w") as f:
-        json.dump({"cap_mb": args.cap_mb, "depth": args.depth, "seq": args.seq, "device": args.device,
-                   "results": results}, f, indent=1)
+        json.dump({"cap_mb": args.cap_mb, "depth": args.depth, "seq": args.seq, "vocab": args.vocab,
+                   "device": args.device, "results": results, "optimizer_runs": optimizer_runs}, f, indent=1)
     plot(results, args, stem + ".png")
     print(text)
 

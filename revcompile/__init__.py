@@ -17,10 +17,13 @@ from .check import CheckReport, check
 from .coupling import Scheme, Step
 from .distill import distill, kl_divergence
 from .errors import RevcompileError
+from .optim import OptimizerInBackward, optimizer_in_backward
 from .plan import Plan
+from .runtime.head import chunked_cross_entropy, chunked_head
 from .saving import from_pretrained
 from .schemes import SCHEMES, get_scheme
 
 __all__ = ["make_reversible", "analyze", "undo", "from_pretrained", "disable_inversion", "converted_layers",
            "inversion_report", "check", "CheckReport", "Plan", "Scheme", "Step", "SCHEMES", "get_scheme", "distill",
-           "kl_divergence", "RevcompileError"]
+           "kl_divergence", "RevcompileError", "optimizer_in_backward", "OptimizerInBackward",
+           "chunked_head", "chunked_cross_entropy"]

@@ -24,6 +24,7 @@ from .distributed import refuse_wrapped
 from .errors import RevcompileError
 from .plan import Pair, analyze
 from .runtime.compiled import BranchCompiler
+from .runtime.head import HEADS, convert_head, has_chunked_head, head_transform, undo_head
 from .runtime.layer import NEW_MODULES, LayerRuntime, chunks_by_branch, disable_inversion, reversible_class
 from .runtime.streams import resolve_exact
 from .schemes import SchemeConfig, get_scheme
@@ -85,6 +86,7 @@ def _is_json(value: Any) -> bool:
 def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
                     example_inputs: Any = None, recompute_chunks: int | None = None, max_run: int | None = None,
                     compile: bool = False, exact: bool | None = None, exact_headroom: int | None = None,
+                    head: str = "chunked", head_chunk_tokens: int | None = None,
                     **options) -> nn.Module:
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
@@ -111,6 +113,12 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
                      and in plain fp32/fp64. True for a scheme that cannot is a RevcompileError.
     exact_headroom:  bits of room above the largest value entering a run (None: 16 for bf16/fp16 models, 24 for
                      fp32/fp64); a stream that outgrows it raises RevcompileError naming this option.
+    head:            "chunked" (default): a Hugging Face causal LM called with labels (grad enabled) computes
+                     lm_head + cross-entropy in token chunks, never materialising the logits or their gradient;
+                     its output's `logits` is then None (see `revcompile/runtime/head.py`). "original": leave the
+                     head and loss as they are. `plan.head` says which ran and why.
+    head_chunk_tokens: tokens per chunk of the chunked head (None: a chunk's logits about the size of the hidden
+                     states).
 
     Returns the model; `revcompile.analyze(model)` is the Plan it followed. The call's options are recorded in
     `model.config.revcompile`: save the converted model with `save_pretrained` and reload it, converted the same way,
@@ -129,11 +137,16 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
         raise RevcompileError(f"max_run must be a positive integer or None, got {max_run!r}")
     if isinstance(model, nn.Module) and converted_layers(model):
         raise RevcompileError("this model is already converted by revcompile; call revcompile.undo(model) first")
+    if head not in HEADS:
+        raise RevcompileError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
+    if head_chunk_tokens is not None and (not isinstance(head_chunk_tokens, int) or head_chunk_tokens < 1):
+        raise RevcompileError(f"head_chunk_tokens must be a positive integer or None, got {head_chunk_tokens!r}")
     plan = analyze(model, example_inputs)
     if not plan.pairs:
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
         raise RevcompileError(f"{type(model).__name__} has no residual attention -> FFN/MoE pair to convert "
                               f"({reasons})")
+    head_skipped, softcap = head_transform(model, example_inputs) if head == "chunked" else ("head='original'", None)
     if scheme.new_modules is not None:
         added = [_new_modules(pair, scheme) for pair in plan.pairs]  # all built (and validated) before any is set
         for pair, modules in zip(plan.pairs, added):
@@ -159,6 +172,10 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     if any(pair.module.__dict__.get("gradient_checkpointing") for pair in plan.pairs):
         warnings.warn(CHECKPOINTING_OFF, stacklevel=3)
     plan.applied = True
+    if head_skipped is None:
+        convert_head(model, softcap, head_chunk_tokens)
+    plan.head = (f"chunked (softcap {softcap:g})" if softcap else "chunked") if head_skipped is None else \
+        f"original ({head_skipped})"
     model._revcompile_plan = plan
     # parameter versions now: undo can tell whether the model was trained since (optimizer steps write in place);
     # None when the weights were already trained under a conversion (saved with its record in the config)
@@ -186,7 +203,7 @@ def _trained_since_conversion(model: nn.Module) -> bool:
 
 
 def undo(model: nn.Module, force: bool = False) -> nn.Module:
-    """Restore the original layers of a converted model (in place; returns it).
+    """Restore the original layers and LM head of a converted model (in place; returns it).
 
     The original parameters are untouched; modules a scheme added (MEFT's adapters, RevFFN's projections) are
     removed with their weights, since the original architecture has no place for them. A model trained under a
@@ -199,12 +216,12 @@ def undo(model: nn.Module, force: bool = False) -> nn.Module:
         ...                                     # with weights trained for another function
     """
     layers = converted_layers(model)
-    if not layers:
+    if not layers and not has_chunked_head(model):
         raise RevcompileError("this model was not converted by revcompile.make_reversible; nothing to undo")
     refuse_wrapped(model, "undo works on the unwrapped model: call it before fully_shard (whose layer classes it "
                           "would drop), or on the model inside DistributedDataParallel (revcompile.undo(ddp.module))")
-    scheme = layers[0]._revcompile.scheme.name
-    if not force and scheme not in KEEPS_FUNCTION and _trained_since_conversion(model):
+    scheme = layers[0]._revcompile.scheme.name if layers else None  # None: the chunked head alone (chunked_head)
+    if not force and scheme is not None and scheme not in KEEPS_FUNCTION and _trained_since_conversion(model):
         raise RevcompileError(
             f"this model's weights were trained under the {scheme!r} scheme, which changes the model's function: "
             "after undo the original layers would compute something else than the trained model. To keep what was "
@@ -215,7 +232,9 @@ def undo(model: nn.Module, force: bool = False) -> nn.Module:
         del layer._revcompile
         if hasattr(layer, NEW_MODULES):  # adapters and projections a scheme added: the original has no place for them
             delattr(layer, NEW_MODULES)
-    del model._revcompile_plan, model._revcompile_call, model._revcompile_baseline
+    undo_head(model)
+    for name in ("_revcompile_plan", "_revcompile_call", "_revcompile_baseline"):  # (absent after chunked_head alone)
+        model.__dict__.pop(name, None)
     if hasattr(getattr(model, "config", None), RECORD_KEY):
         delattr(model.config, RECORD_KEY)
     return model

@@ -30,6 +30,8 @@ METHODS = ("plain", "checkpointing", "selective", "revcompile")
 # more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in one piece
 SPEED_METHODS = ("plain", "compiled", "checkpointing", "selective", "revcompile", "revcompile-unchunked",
                  "revcompile-compiled", "revcompile-backend", "revcompile-float", "revcompile-reference")
+# the whole step at a real vocabulary (bench/maxbatch.py): baselines with their default loss and with the chunked one
+HEAD_METHODS = ("plain", "checkpointing", "checkpointing-chunked", "revcompile-original-head", "revcompile")
 METHOD_LABELS = {
     "plain": "plain training",
     "checkpointing": "HF activation checkpointing",
@@ -41,6 +43,8 @@ METHOD_LABELS = {
     "revcompile-backend": 'torch.compile(backend="revcompile")',
     "revcompile-float": "revcompile, exact=False (float streams)",
     "revcompile-reference": "revcompile's coupling, ordinary autograd (invert=False)",
+    "checkpointing-chunked": "HF activation checkpointing + chunked loss",
+    "revcompile-original-head": "revcompile, head=\"original\"",
 }
 # A config where activations dominate (issue 2): tiny Mixtral, hidden 128, sdpa attention, fp32.
 MEMORY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -77,9 +81,17 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         import revcompile.backend  # registers the backend
 
         return torch.compile(model, backend="revcompile")
-    if method == "checkpointing":
+    if method in ("checkpointing", "checkpointing-chunked"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "checkpointing-chunked":
+            import revcompile
+
+            revcompile.chunked_head(model)
         return model
+    if method == "revcompile-original-head":
+        import revcompile
+
+        return revcompile.make_reversible(model, head="original")
     if method == "selective":
         # Hugging Face's per-layer checkpointing, with torch's selective policy: matmul and attention outputs are
         # kept, everything else (norms, activations, routing) is recomputed.
@@ -113,12 +125,47 @@ def reset_peak_rss() -> None:
         clear.write("5")
 
 
+class PhasePeaks:
+    """Peak RSS of a CPU training step by phase, above `before`: the layers' forward (until the LM head starts),
+    the head (its forward and backward, until the gradient of its input exists) and the layers' backward; `kept`
+    is what the step holds when the head starts (what the layers keep for backward)."""
+
+    def __init__(self, model: torch.nn.Module, before: int):
+        self.before, self.peaks = before, {}
+        self.handle = model.get_output_embeddings().register_forward_pre_hook(self._head_starts)
+
+    def _mark(self, phase: str) -> None:
+        self.peaks[phase] = (rss_bytes("VmHWM") - self.before) / 2**20
+        reset_peak_rss()
+
+    def _head_starts(self, module, args) -> None:
+        self._mark("layers_forward_mb")
+        self.peaks["kept_mb"] = (rss_bytes("VmRSS") - self.before) / 2**20
+        if args[0].requires_grad:
+            args[0].register_hook(lambda grad: self._mark("head_mb"))
+
+    def finish(self) -> dict:
+        self._mark("layers_backward_mb")
+        self.handle.remove()
+        return self.peaks
+
+
 def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
                          dtype: str = "float32", steps: int = 1, attn: str = "sdpa", pretrained: str | None = None,
-                         threads: int | None = None, **config: Any) -> dict:
+                         threads: int | None = None, split: bool = False, optimizer: str | None = None,
+                         warmup_batch: int | None = None, **config: Any) -> dict:
     """In this process: build the model, warm up, then measure `steps` training steps (peak of the first).
 
     pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
+    warmup_batch: the batch of the warm-up step (None: `batch`); a smaller one saves time, gradients are
+                allocated all the same.
+    split:      (CPU) also report the first step's peak by phase (PhasePeaks: layers' forward, head, layers'
+                backward) and the bytes of weights, gradients and optimizer state.
+    optimizer:  None: forward and backward only, gradients kept allocated; "adamw": each step also runs
+                AdamW.step() and zero_grad(); "adamw-in-backward": AdamW stepped in backward
+                (revcompile.optimizer_in_backward), so no gradient outlives its parameter's step. With an
+                optimizer the result also has `total_peak_mb`: the step's peak above the RSS before the model was
+                built (weights, gradients, optimizer state and the step's working set).
     threads:    torch's intra-op threads (None: torch's default). With 1, "step_cpu_s" (the process's CPU seconds
                 of the fastest step) is the step's work alone: other processes on a loaded machine barely move it,
                 where they stretch the wall-clock "step_s" (median) by any factor.
@@ -142,17 +189,32 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         model = tiny_model_from_config(cfg)
     model = model.to(device=device, dtype=getattr(torch, dtype))
     model.config.use_cache = False
+    # the process with the model's code imported, before its weights: total_peak_mb's reference
+    baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes("VmRSS")
+    baseline -= sum(p.numel() * p.element_size() for p in model.parameters())
     forward = prepare(model, method)
     model.train()
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
+    opt = None
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    elif optimizer == "adamw-in-backward":
+        import revcompile
 
-    def step():
+        revcompile.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-5)
+    elif optimizer is not None:
+        raise ValueError(f"unknown optimizer {optimizer!r}: None, 'adamw' or 'adamw-in-backward'")
+
+    def step(ids=ids):
         loss = forward(ids, labels=ids).loss
         loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    step()
-    model.zero_grad(set_to_none=False)
+    step(ids[:warmup_batch])
+    model.zero_grad(set_to_none=optimizer is not None)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -164,6 +226,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         gc.collect()
         before = rss_bytes("VmRSS")
         reset_peak_rss()
+    phases = PhasePeaks(model, before) if split and not cuda else None
     times, cpu_times = [], []
     loss = None
     for i in range(steps):
@@ -174,10 +237,28 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
         if i == 0:
-            peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
-        model.zero_grad(set_to_none=False)
-    return {"method": method, "depth": depth, "batch": batch, "seq": seq, "device": device, "dtype": dtype,
-            "peak_mb": peak / 2**20, "step_s": statistics.median(times), "step_cpu_s": min(cpu_times), "loss": loss}
+            if phases is not None:
+                split_mb = phases.finish()
+                peak = max(v for k, v in split_mb.items() if k != "kept_mb") * 2**20
+            else:
+                peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
+        model.zero_grad(set_to_none=optimizer is not None)
+    result = {"method": method, "depth": depth, "batch": batch, "seq": seq, "device": device, "dtype": dtype,
+              "peak_mb": peak / 2**20, "step_s": statistics.median(times),
+              "step_cpu_s": min(cpu_times), "loss": loss}
+    if optimizer is not None:
+        result.update(optimizer=optimizer, total_peak_mb=(peak + before - baseline) / 2**20)
+    if phases is not None:
+        states = [t for state in (opt.state.values() if opt else []) for t in state.values() if torch.is_tensor(t)]
+        result.update(split_mb, weights_mb=_mb(model.parameters()),
+                      grads_mb=_mb(p.grad for p in model.parameters() if p.grad is not None),
+                      optimizer_mb=_mb(states))
+    return result
+
+
+def _mb(tensors) -> float:
+    """Megabytes of distinct storage held by `tensors`."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()) / 2**20
 
 
 def measure_step(method: str, depth: int, **kwargs: Any) -> dict:

@@ -71,6 +71,7 @@ class Plan:
     skipped: list[Skipped]
     structures: int
     applied: bool = False  # the plan a converted model follows (make_reversible sets it)
+    head: str | None = None  # set by make_reversible: how the LM head and loss run (see runtime/head.py)
 
     def table(self) -> str:
         rows = [[p.layer, "+".join(p.modules[0]), "+".join(p.modules[1]), p.kinds[1],
@@ -89,7 +90,7 @@ class Plan:
         head = (f"revcompile plan{' (applied)' if self.applied else ''}: {len(self.pairs)} pairs, "
                 f"{len(self.skipped)} skipped, in {', '.join(self.stacks)} "
                 f"({self.structures} distinct layer structure{'s' if self.structures != 1 else ''} traced)")
-        return head + "\n" + self.table()
+        return head + "\n" + self.table() + (f"\n\nLM head and loss: {self.head}" if self.head else "")
 
 
 def _inversions(stats) -> str:

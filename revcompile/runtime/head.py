@@ -1,0 +1,301 @@
+"""The LM head and loss in token chunks: the full logits and their gradient never exist.
+
+At a real vocabulary the logits (tokens x vocab, upcast to fp32 by the loss, and their gradient) are the largest
+tensors of a training step. `make_reversible(model)` (with `head="chunked"`, the default) rewrites a Hugging Face
+causal LM's head the way it rewrites the layers, by swapping classes: the model's class and its `lm_head`'s class
+get subclasses, `undo` swaps them back. When the model is called with `labels` and grad enabled:
+- `lm_head(hidden)` records `hidden` and returns a (..., 1) placeholder instead of the logits, so what the model's
+  forward does to the logits in between (Gemma's final logit softcapping) costs nothing;
+- `self.loss_function(logits, labels, vocab_size, **kwargs)` runs `chunked_cross_entropy` on the recorded hidden
+  states: forward keeps only the loss (the hidden states and weight it reads already exist), backward recomputes
+  each chunk's logits;
+- the output's `logits` is None.
+Without labels, under torch.no_grad() (evaluation that wants logits) or with `return_dict=False`, the original
+head runs and returns the logits as before.
+
+Hugging Face semantics (transformers' ForCausalLMLoss) hold exactly: the labels are shifted (or `shift_labels`
+used), `ignore_index` tokens are skipped, the sum is divided by the number of counted tokens or by
+`num_items_in_batch` (the Trainer's gradient accumulation), `logits_to_keep` slices the hidden states before the
+head as it slices the logits, tied embeddings get the head's gradient on the shared weight. Which transform the
+model applies between head and loss (none, or `final_logit_softcapping`) is not assumed from the config but
+checked at conversion on a probe call; a head that is not a Linear, a loss that is not ForCausalLMLoss or another
+transform leaves the head as it is, with the reason in `plan.head` (`model._revcompile_plan`).
+
+Example:
+    >>> revcompile.make_reversible(model)                  # head="chunked" by default
+    >>> out = model(ids, labels=ids); out.loss.backward()  # out.logits is None: never materialised
+    >>> revcompile.make_reversible(model, head="original") # keep the original head and loss
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture.probe import eval_mode, example_call
+from ..errors import RevcompileError
+from .replay import AutocastState
+
+HEADS = ("chunked", "original")
+
+
+MIN_CHUNK_TOKENS = 128  # below this the head is bound by reading the weight once per chunk (CPU: 4x slower at 8)
+
+
+def chunk_size(tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk by default: a chunk's logits about the size of all the hidden states (Liger-Kernel's rule),
+    so the head's working set grows like the hidden states, not like tokens x vocab; at least MIN_CHUNK_TOKENS."""
+    return min(tokens, max(MIN_CHUNK_TOKENS, math.ceil(tokens / math.ceil(vocab / hidden))))
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+            acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a chunk's logits upcast to `acc`, tanh(linear / softcap) in the weight's dtype or None without softcap).
+
+    NOTE: the order of Hugging Face's forward and ForCausalLMLoss: the linear and Gemma's softcapping (divide,
+    tanh, multiply) in the weight's dtype, then the upcast.
+    """
+    linear = F.linear(hidden, weight, bias)
+    if softcap is None:
+        return linear.to(acc), None
+    tanh = torch.tanh(linear / softcap)
+    return (tanh * softcap).to(acc), tanh
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed `chunk` tokens at a time.
+
+    Forward saves its inputs only (no logits); backward recomputes each chunk's logits and turns them, in place,
+    into the chunk's share of the hidden states' gradient and of the weight's (and bias's) gradient: d loss /
+    d logits = softmax(logits) - onehot(target), zero for ignored tokens.
+
+    NOTE (numerics): logits are upcast per chunk to fp32 (fp64 stays fp64), and the loss is accumulated over chunks
+    in that dtype. The weight's gradient is accumulated over chunks in fp32 (fp64 for fp64 weights) and cast once
+    at the end: a bf16 accumulator would round at every chunk, where one matmul over all tokens rounds once.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, chunk):
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits, _ = _logits(hidden[start:start + chunk], weight, bias, softcap, acc)
+            total += F.cross_entropy(logits, targets[start:start + chunk], ignore_index=ignore_index, reduction="sum")
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.softcap, ctx.ignore_index, ctx.chunk = softcap, ignore_index, chunk
+        ctx.autocast = AutocastState.capture(hidden.device)  # backward recomputes the logits under the same one
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            with ctx.autocast.restored():
+                logits, tanh = _logits(h, weight, bias, ctx.softcap, acc)
+                counted = t != ctx.ignore_index
+                rows = counted.nonzero().squeeze(1)
+                # softmax - onehot, in place on the logits (their only copy in fp32 weights without softcap)
+                grad = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_()
+                grad[rows, t[rows]] -= 1
+                grad *= (counted * grad_total).to(acc)[:, None]
+                grad = grad.to(weight.dtype if tanh is None else tanh.dtype)
+                if tanh is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+                    grad *= 1 - tanh * tanh
+                if need_hidden:
+                    grad_hidden[start:start + ctx.chunk] = grad @ weight
+            if need_weight:
+                grad_weight.addmm_(grad.t().to(acc), h.to(acc))
+            if need_bias:
+                grad_bias += grad.sum(0, dtype=acc)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          labels: torch.Tensor, *, num_items_in_batch: torch.Tensor | int | None = None,
+                          ignore_index: int = -100, shift_labels: torch.Tensor | None = None,
+                          softcap: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Hugging Face's causal-LM loss of `softcap(linear(hidden, weight, bias))`, without the full logits.
+
+    hidden (..., H) and labels (...) as the model's head and ForCausalLMLoss get them: labels are shifted left by
+    one (the last position ignored) unless `shift_labels` is given; the sum of the token losses is divided by the
+    number of tokens not equal to `ignore_index` (NaN when there are none, like F.cross_entropy's mean), or by
+    `num_items_in_batch` when given. chunk_tokens: tokens per chunk (default: `chunk_size`).
+
+    Example:
+        >>> loss = chunked_cross_entropy(hidden, model.lm_head.weight, None, labels)
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    if targets.shape[0] != flat.shape[0]:
+        raise ValueError(f"labels give {targets.shape[0]} targets for {flat.shape[0]} positions of hidden states "
+                         "(with logits_to_keep, pass shift_labels for the kept positions)")
+    chunk = chunk_tokens or chunk_size(flat.shape[0], weight.shape[0], weight.shape[1])
+    total = ChunkedLinearCrossEntropy.apply(flat, weight, bias, targets, softcap, ignore_index, chunk)
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class HeadRuntime:
+    """What a model converted with head="chunked" needs at run time: the head, the transform checked at
+    conversion (softcap or None), the chunk size, and the hidden states recorded during a call."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear, softcap: float | None, chunk_tokens: int | None):
+        self.original_class, self.head_class = _original(type(model)), _original(type(head))
+        self.signature = inspect.signature(type(model).forward)
+        self.head, self.softcap, self.chunk_tokens = head, softcap, chunk_tokens
+        self.recorded: list[torch.Tensor] | None = None  # a list while a call with labels runs
+
+    def loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+             **kwargs):
+        """ForCausalLMLoss's signature; `logits` is the placeholder, the hidden states were recorded by the head."""
+        if len(self.recorded) != 1:
+            raise RuntimeError(f"the chunked head expected one lm_head call before the loss, saw "
+                               f"{len(self.recorded)}; convert with head='original'")
+        return chunked_cross_entropy(self.recorded.pop(), self.head.weight, self.head.bias, labels,
+                                     num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                                     shift_labels=shift_labels, softcap=self.softcap, chunk_tokens=self.chunk_tokens)
+
+
+class ChunkedHeadModel(nn.Module):
+    """Mixin of a converted causal LM's class: calls with labels and grad enabled run the chunked loss."""
+
+    def forward(self, *args, **kwargs):
+        runtime: HeadRuntime | None = self.__dict__.get("_revcompile_head")
+        if runtime is None:  # an instance made from the class itself (type(model).from_pretrained): unconverted
+            return super().forward(*args, **kwargs)
+        bound = runtime.signature.bind(self, *args, **kwargs).arguments
+        labels = bound.get("labels", bound.get("kwargs", {}).get("labels"))
+        if labels is None or not torch.is_grad_enabled() or kwargs.get("return_dict") is False:
+            return super().forward(*args, **kwargs)
+        runtime.recorded = []
+        try:
+            out = super().forward(*args, **kwargs)
+        finally:
+            runtime.recorded = None
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})  # logits=None: they never existed
+
+    @property
+    def loss_function(self):
+        runtime = self.__dict__.get("_revcompile_head")
+        return runtime.loss if runtime is not None and runtime.recorded is not None else super().loss_function
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value
+
+
+class ChunkedHead(nn.Module):
+    """Mixin of a converted model's lm_head class: while a call with labels runs, record the hidden states and
+    return a (..., 1) placeholder instead of the logits."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        runtime: HeadRuntime | None = self.__dict__.get("_revcompile_head")
+        if runtime is None or runtime.recorded is None:
+            return super().forward(hidden)
+        runtime.recorded.append(hidden)
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], 1)
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _original(cls: type) -> type:
+    """The class a Chunked subclass was made from (itself if it is none)."""
+    return cls.__bases__[1] if issubclass(cls, (ChunkedHeadModel, ChunkedHead)) else cls
+
+
+def _subclass(mixin: type, cls: type) -> type:
+    """The (cached) subclass `Chunked<cls>` with `mixin`'s forward, which shows `cls.forward`'s signature: the
+    Trainer reads it (`labels` among the label names, dataset columns kept, `**kwargs` for num_items_in_batch)."""
+    if (mixin, cls) not in _CLASSES:
+        forward = functools.wraps(cls.forward)(lambda self, *args, **kwargs: mixin.forward(self, *args, **kwargs))
+        _CLASSES[mixin, cls] = type(f"Chunked{cls.__name__}", (mixin, cls),
+                                    {"__module__": cls.__module__, "forward": forward})
+    return _CLASSES[mixin, cls]
+
+
+def head_transform(model: nn.Module, example_inputs: Any = None) -> tuple[str | None, float | None]:
+    """(reason the head cannot be chunked or None, the softcap the model applies to the head's output or None).
+
+    Runs one probe call (eval mode, no grad) and compares the model's logits with its lm_head's output.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not hasattr(model, "config") or not isinstance(head, nn.Linear):
+        return "not a Hugging Face causal LM with a Linear lm_head", None
+    if model.loss_function is not ForCausalLMLoss:
+        return f"its loss_function is {getattr(model.loss_function, '__name__', model.loss_function)}, " \
+               "not ForCausalLMLoss", None
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, output: seen.append(output))
+    args, kwargs = example_call(model, example_inputs)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            logits = model(*args, **kwargs).logits
+    finally:
+        hook.remove()
+    if len(seen) != 1 or logits is None:
+        return f"lm_head ran {len(seen)} times in one call", None
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    for candidate in (None, softcap) if softcap else (None,):
+        expected = seen[0] if candidate is None else torch.tanh(seen[0] / candidate) * candidate
+        if logits.shape == expected.shape and torch.equal(logits, expected):
+            return None, candidate
+    return "the model transforms lm_head's output before the loss in a way the chunked head does not know", None
+
+
+def convert_head(model: nn.Module, softcap: float | None, chunk_tokens: int | None) -> None:
+    """Swap in the chunked head (after `head_transform` found no reason against it); `undo_head` swaps it back."""
+    lm_head = model.get_output_embeddings()
+    runtime = HeadRuntime(model, lm_head, softcap, chunk_tokens)
+    model._revcompile_head = lm_head._revcompile_head = runtime
+    model.__class__ = _subclass(ChunkedHeadModel, runtime.original_class)
+    lm_head.__class__ = _subclass(ChunkedHead, runtime.head_class)
+
+
+def chunked_head(model: nn.Module, chunk_tokens: int | None = None, example_inputs: Any = None) -> nn.Module:
+    """The chunked LM head and loss alone, on a model whose layers stay as they are (in place; returns it).
+
+    For a baseline with the same loss (HF activation checkpointing + chunked loss) or a model not worth converting;
+    `revcompile.undo(model)` restores it. Raises RevcompileError saying why when the head cannot be chunked.
+
+    Example:
+        >>> revcompile.chunked_head(model); model.gradient_checkpointing_enable()
+    """
+    reason, softcap = head_transform(model, example_inputs)
+    if reason is not None:
+        raise RevcompileError(f"cannot chunk the LM head of {type(model).__name__}: {reason}")
+    convert_head(model, softcap, chunk_tokens)
+    return model
+
+
+def has_chunked_head(model: nn.Module) -> bool:
+    return "_revcompile_head" in model.__dict__
+
+
+def undo_head(model: nn.Module) -> None:
+    """Restore the original model and lm_head classes, if the head was chunked (nothing else was changed)."""
+    runtime = model.__dict__.pop("_revcompile_head", None)
+    if runtime is not None:
+        model.__class__ = runtime.original_class
+        runtime.head.__class__ = runtime.head_class
+        del runtime.head._revcompile_head
