@@ -73,7 +73,7 @@ def cmd_diff(args: argparse.Namespace) -> None:
     for name, branch in branches.items():
         if branch not in cut.values():
             print(f"== branch {name} (composed by the scheme) ==\n{branch}\n")
-    print(f"== {pair.layer} after: generated {args.scheme} coupling ==\n{coupled.code.strip()}\n")
+    print(f"== {pair.layer} ({pair.form}) after: generated {pair.scheme} coupling ==\n{coupled.code.strip()}\n")
     print(f"== generated inverse ==\n{inverse.code.strip()}\n")
     old = op_counts(pair.structure.trace.graph)
     new = op_counts(coupled.graph, *(b.graph for b in cut.values()), skip_modules=tuple(branches))
@@ -119,12 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     diff = sub.add_parser("diff", help="show a model's layer graph before and after conversion, and the inverse")
     diff.add_argument("model", help="a transformers model_type (tiny random config) or a local model directory")
-    diff.add_argument("--scheme", default="symplectic", choices=sorted(SCHEMES))
+    diff.add_argument("--scheme", choices=sorted(SCHEMES), help="default: chosen per layer form")
     diff.add_argument("--dot", metavar="DIR", help="also write the graphs as Graphviz .dot files into DIR")
     diff.set_defaults(func=cmd_diff)
     check = sub.add_parser("check", help="per-layer reconstruction and gradient error against the reference")
     check.add_argument("model", help="a transformers model_type (tiny random config) or a local model directory")
-    check.add_argument("--scheme", default="symplectic", choices=sorted(SCHEMES))
+    check.add_argument("--scheme", choices=sorted(SCHEMES), help="default: chosen per layer form")
     check.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16"])
     check.add_argument("--autocast", choices=["bfloat16", "float16"], help="run the step under torch.autocast")
     check.add_argument("--layers", type=int, default=8, help="layers of the tiny config (default 8)")

@@ -25,6 +25,11 @@ from torch import fx
 from ..errors import RevcompileError
 
 
+SEQUENTIAL, PARALLEL, WHOLE = "sequential", "parallel", "whole layer"
+# the branches (roles) a layer of each form is cut into; schemes build theirs from them (schemes/branches.py)
+FORM_ROLES = {SEQUENTIAL: ("attn", "mlp"), PARALLEL: ("attn", "mlp"), WHOLE: ("layer",)}
+
+
 class NotReversible(RevcompileError):
     """A layer whose structure no coupling can invert; the message is the reason shown in the plan."""
 
@@ -84,10 +89,7 @@ def find_residual_chain(graph: fx.Graph, hidden_name: str) -> list[Residual]:
     hidden = next(n for n in graph.nodes if n.op == "placeholder" and n.target == hidden_name)
     output = next(n for n in graph.nodes if n.op == "output")
     result = output.args[0]
-    if isinstance(result, (tuple, list)):
-        extra = [r for r in result[1:] if r is not None]
-        if extra:
-            raise NotReversible(f"returns {len(result)} values: state passed between layers is not a residual stream")
+    if isinstance(result, (tuple, list)):  # extra outputs (attention weights) are not part of the stream
         result = result[0]
     flow = hidden_flow(graph, hidden)
     idom = nx.immediate_dominators(flow, hidden)
@@ -118,3 +120,35 @@ def find_residual_chain(graph: fx.Graph, hidden_name: str) -> list[Residual]:
             raise NotReversible(f"{_describe(node)} adds two values neither of which dominates the other")
     chain.reverse()
     return chain
+
+
+def _sum_terms(node: fx.Node, root: bool = True) -> list[fx.Node]:
+    """The terms of the add tree ending in `node` (adds used only inside the tree are expanded)."""
+    if not _is(node, _ADDS) or (not root and len(node.users) != 1):
+        return [node]
+    return [t for a in node.args for t in (_sum_terms(a, False) if isinstance(a, fx.Node) else [a])]
+
+
+def find_parallel_residual(graph: fx.Graph, hidden_name: str) -> list[Residual] | None:
+    """`x + A(x) + M(x)` (in any order of the adds): two branches reading the layer input, neither reading the
+    other, added to it in one sum. The Residuals of A and M, in the order they run; None for another shape.
+
+    Example:
+        >>> [r.branch.target for r in find_parallel_residual(trace.graph, "hidden_states")]   # phi
+        ['self_attn', 'mlp']
+    """
+    hidden = next(n for n in graph.nodes if n.op == "placeholder" and n.target == hidden_name)
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
+    result = result[0] if isinstance(result, (tuple, list)) else result
+    if not isinstance(result, fx.Node):
+        return None
+    terms = _sum_terms(result)
+    branches = [t for t in terms if t is not hidden]
+    flow = hidden_flow(graph, hidden)
+    if len(terms) != 3 or len(branches) != 2 or not all(isinstance(b, fx.Node) and b in flow for b in branches):
+        return None
+    first, second = branches
+    if nx.has_path(flow, first, second) or nx.has_path(flow, second, first):
+        return None  # one branch reads the other: not parallel
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return [Residual(result, hidden, b, _constant_scale(b, flow)) for b in sorted(branches, key=order.get)]

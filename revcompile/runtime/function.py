@@ -242,8 +242,10 @@ class ReversibleCoupling(torch.autograd.Function):
                 out, chunk_sum = torch.empty_like(g_out), _GradSum(len(wrt))
                 g_reads = [torch.zeros_like(read) for read in reads]
                 for positions, part in chunks:
-                    o, g, w = _branch_vjp(call, step, part, [read[..., positions, :] for read in reads], context,
-                                          wrt, g_out[..., positions, :])
+                    # NOTE: a sequence slice of a batch is not contiguous, and branches may `.view` their input
+                    # (flex_olmo's MoE does): each branch gets a contiguous copy of its slice
+                    o, g, w = _branch_vjp(call, step, part, [read[..., positions, :].contiguous() for read in reads],
+                                          context, wrt, g_out[..., positions, :].contiguous())
                     out[..., positions, :] = o
                     for total, piece in zip(g_reads, g):
                         if piece is not None:
