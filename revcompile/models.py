@@ -62,6 +62,8 @@ def _shrunk_sizes(model_type: str) -> dict:
             small[name] = 128
         elif "num" in name and "heads" in name and "key_value" not in name:
             small[name] = min(value, 4)
+        elif name.endswith("_layers") and "window" not in name and value > 2:  # encoder_layers, decoder_layers
+            small[name] = 2
         elif name.endswith(("hidden_size_per_layer_input", "d_state", "state_size")) and value > 16:
             small[name] = 16
     if "qk_head_dim" in small:  # derived: nope + rope

@@ -17,7 +17,7 @@ import operator
 from torch import fx
 
 from ..capture.tracer import LayerTrace
-from .residuals import Residual
+from .residuals import Residual, hidden_output
 
 
 def writes_in_place(node: fx.Node) -> bool:
@@ -72,9 +72,8 @@ def whole_layer_graph_of(trace: LayerTrace) -> fx.Graph:
         if node.op == "placeholder":
             env[node] = graph.placeholder("x" if node.target == trace.hidden_name else node.target)
         elif node.op == "output":
-            result = node.args[0][0] if isinstance(node.args[0], (tuple, list)) else node.args[0]
             hidden = next(env[n] for n in env if n.op == "placeholder" and n.target == trace.hidden_name)
-            graph.output(graph.call_function(operator.sub, (env[result], hidden)))
+            graph.output(graph.call_function(operator.sub, (env[hidden_output(trace.graph)], hidden)))
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()
