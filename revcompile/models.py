@@ -44,6 +44,10 @@ def _shrunk_sizes(model_type: str) -> dict:
     """
     small = {}
     for name, value in AutoConfig.for_model(model_type).to_dict().items():
+        if name == "head_dim" and value is None:  # derived from the full-size width later: give the tiny one's
+            small[name] = 16
+        if "rotary_dim" in name and isinstance(value, int) and value > 8:  # rotary features of a head (GPT-J)
+            small[name] = 8
         if not isinstance(value, int) or isinstance(value, bool) or name.endswith("_id") or "position" in name:
             continue
         if "per_tok" in name or "topk" in name.replace("_", "") and "group" not in name:
@@ -84,6 +88,8 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
                 attn_implementation="eager", experts_implementation="eager")
     base.update(_TINY.get(model_type, {}))
     base.update(overrides)
+    if model_type == "gpt_neo":  # its layer pattern, [[types, repeats]], must cover exactly the layers asked for
+        base.setdefault("attention_types", [[["global"], base["num_hidden_layers"]]])
     attn, experts = base.pop("attn_implementation"), base.pop("experts_implementation")
     config = AutoConfig.for_model(model_type, **base)
     config._attn_implementation = attn

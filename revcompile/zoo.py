@@ -31,12 +31,13 @@ from .errors import RevcompileError
 from .models import tiny_config, tiny_model_from_config
 from .runtime.layer import disable_inversion
 
-# NOTE: the bounds. float64 rounding of a step is ~1e-16; the reconstruction compounds it over a few layers and
-# the comparison is relative to the largest gradient, so 1e-8 leaves orders of magnitude for noise while a wrong
-# inverse (tests/test_gradients.py breaks one by 1e-3) lands far above. A family whose router computes in float32
-# (Mixtral, DeepSeek-V3, ...) or a norm that casts to float32 (Gemma) rounds in float32: ~1e-7 measured.
+# NOTE: the bounds, from the measured errors of the whole zoo (bench/results/zoo.md). A layer computing only in
+# float64 rebuilds its input to float64 rounding: at most ~1e-15 measured, bound 1e-8. Most layers compute
+# something in float32 even in a float64 model (RMSNorm casts to float32, routers and softmaxes often do): the
+# recompute on a rebuilt input rounds those float32 values differently, at most ~1e-6 measured (a float32 router
+# in a whole-layer scheme), bound 1e-5. A wrong inverse (an undo off by 1e-3, tests/test_zoo.py) lands far above.
 FLOAT64, FLOAT32 = "float64", "float32 inside"
-BOUND = {FLOAT64: 1e-8, FLOAT32: 1e-6}
+BOUND = {FLOAT64: 1e-8, FLOAT32: 1e-5}
 MAX_PARAMETERS = 20_000_000  # a "tiny" config that builds bigger than this kept a full-size default somewhere
 
 CONVERTED, MISMATCH, CRASHED, SKIPPED, NOT_BUILT = "converted", "mismatch", "crashed", "skipped", "not built"

@@ -41,12 +41,18 @@ def test_granite_residual_multiplier_is_found():
 @pytest.mark.parametrize("block, form, scheme", [(PostNormBlock, "whole layer", "midpoint"),
                                                   (ParallelBlock, "parallel", "symplectic")])
 def test_post_norm_and_parallel_layers_get_their_form(block, form, scheme):
-    model = PlainLM(block=block)
+    from conftest import loss_and_grads, rel_err, token_batch
+
+    model = PlainLM(block=block).double()
     plan = revcompile.analyze(model)
     assert not plan.skipped and [p.form for p in plan.pairs] == [form] * 3
-    revcompile.make_reversible(model)
+    revcompile.make_reversible(model).train()
     assert [p.scheme for p in model._revcompile_plan.pairs] == [scheme] * 3
     assert form in str(model._revcompile_plan) and scheme in str(model._revcompile_plan)
+    ids = token_batch(model)
+    _, nodes, grads = loss_and_grads(model, ids, reference=False)
+    _, _, ref = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and grads.keys() == ref.keys() and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-8
 
 
 def test_pair_scheme_on_a_whole_layer_is_skipped_with_what_converts_it():
@@ -97,3 +103,17 @@ def test_a_model_outside_the_list_converts_when_its_layers_fit():
     _, nodes, grads = loss_and_grads(model, ids, reference=False)
     _, _, ref = loss_and_grads(model, ids, reference=True)
     assert nodes == 2 and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-8
+
+
+@pytest.mark.parametrize("family, words", [
+    ("openai-gpt", "post-norm: it ends in `ln_2` applied after the residual add"),
+    ("minimax", "the residual is taken after `post_attention_layernorm`"),
+    ("opt", "the residual stream goes through a reshape between residual adds")])
+def test_why_a_layer_converts_whole_is_said_in_the_users_words(family, words):
+    from revcompile.models import tiny_model
+
+    plan = revcompile.analyze(tiny_model(family, num_hidden_layers=2))
+    whys = {p.structure.why_whole for p in plan.pairs}
+    assert {p.form for p in plan.pairs} == {"whole layer"} and len(whys) == 1 and words in whys.pop()
+    assert not any(graph_word in str(plan) for graph_word in ("call_function", "call_module", "call_method",
+                                                              "dominates", "placeholder"))
