@@ -152,13 +152,16 @@ def _cut(trace: LayerTrace) -> tuple[str, list[Residual], str]:
     return WHOLE, [], why or _describe_chain(chain)
 
 
-def layer_branches(layer: nn.Module, args: tuple, kwargs: dict,
+def layer_branches(layer: nn.Module, args: tuple, kwargs: dict, form: str | None = None,
                    like: list[fx.Graph] | None = None) -> tuple[LayerTrace, str, list[Residual], list[fx.Graph], str]:
     """Trace one layer for a call and cut it into branches: (trace, form, residuals, branch graphs, why the layer
-    is not a pair). `like`: the branch graphs of another call of the layer, to order two parallel branches alike
-    (by the modules they call)."""
+    is not a pair). `form`, `like`: the form and branch graphs found for another call of the layer, to cut this
+    one alike (two parallel branches are ordered by the modules they call)."""
     trace = trace_layer(layer, args, kwargs)
-    form, chain, why = _cut(trace)
+    found, chain, why = _cut(trace)
+    if form is not None and form != WHOLE and found != form:
+        raise NotReversible(f"this call of the layer is {found}, another was {form}")
+    form = form or found
     if form == WHOLE:
         return trace, form, chain, [whole_layer_graph_of(trace)], why
     graphs = [branch_graph_of(trace, r) for r in chain]

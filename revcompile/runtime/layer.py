@@ -218,7 +218,8 @@ class LayerRuntime(StreamRuntime):
             original = layer.__class__
             layer.__class__ = self.original_class
             try:
-                _, _, _, graphs, _ = layer_branches(layer, args, kwargs, like=[r.graph for r in self._roles.values()])
+                _, _, _, graphs, _ = layer_branches(layer, args, kwargs, self.form,
+                                                    like=[r.graph for r in self._roles.values()])
             finally:
                 layer.__class__ = original
             self._build(layer, graphs, signature)
