@@ -31,13 +31,15 @@ from .errors import RevcompileError
 from .models import tiny_config, tiny_model_from_config
 from .runtime.layer import disable_inversion
 
-# NOTE: the bounds, from the measured errors of the whole zoo (bench/results/zoo.md). A layer computing only in
-# float64 rebuilds its input to float64 rounding: at most ~1e-15 measured, bound 1e-8. Most layers compute
-# something in float32 even in a float64 model (RMSNorm casts to float32, routers and softmaxes often do): the
-# recompute on a rebuilt input rounds those float32 values differently, at most ~1e-6 measured (a float32 router
-# in a whole-layer scheme), bound 1e-5. A wrong inverse (an undo off by 1e-3, tests/test_zoo.py) lands far above.
+# NOTE: the bounds, from the measured errors of the whole zoo (bench/results/zoo.md) and of the worst families over
+# seeds and schemes. A layer computing only in float64 rebuilds its input to float64 rounding: at most ~1e-15
+# measured, bound 1e-8. Most layers compute something in float32 even in a float64 model (RMSNorm casts to
+# float32, routers and softmaxes often do): the recompute on a rebuilt input rounds those float32 values
+# differently. Worst measured: 3.8e-6 (beam, a float32 DeepSeek-style router, leapfrog over whole layers); bound
+# 1e-4, the project's float32 tolerance (tests/conftest.py). A wrong inverse (an undo off by 1e-3,
+# tests/test_zoo.py) lands far above both.
 FLOAT64, FLOAT32 = "float64", "float32 inside"
-BOUND = {FLOAT64: 1e-8, FLOAT32: 1e-5}
+BOUND = {FLOAT64: 1e-8, FLOAT32: 1e-4}
 MAX_PARAMETERS = 20_000_000  # a "tiny" config that builds bigger than this kept a full-size default somewhere
 
 CONVERTED, MISMATCH, CRASHED, SKIPPED, NOT_BUILT = "converted", "mismatch", "crashed", "skipped", "not built"
