@@ -44,16 +44,16 @@ def _shrunk_sizes(model_type: str) -> dict:
     """
     small = {}
     for name, value in AutoConfig.for_model(model_type).to_dict().items():
-        if name == "head_dim" and value is None:  # derived from the full-size width later: give the tiny one's
-            small[name] = 16
+        if name == "head_dim" and value is None:  # some families derive it from the full-size width: set by tiny_config
+            small[name] = None
         if "rotary_dim" in name and isinstance(value, int) and value > 8:  # rotary features of a head (GPT-J)
             small[name] = 8
         if not isinstance(value, int) or isinstance(value, bool) or name.endswith("_id") or "position" in name:
             continue
         if "per_tok" in name or "topk" in name.replace("_", "") and "group" not in name:
             small[name] = min(value, 2)  # experts each token picks
-        elif "group" in name and ("expert" in name or "topk" in name or name == "n_group"):
-            small[name] = 1  # expert groups (DeepSeek's grouped top-k)
+        elif "group" in name and ("expert" in name or "topk" in name or name in ("n_group", "n_groups")):
+            small[name] = 1  # expert groups (DeepSeek's grouped top-k), state-space head groups (Mamba-2)
         elif "expert" in name and "size" not in name and "dim" not in name:
             small[name] = min(value, 4 if "shared" not in name else 1)  # expert counts
         elif "head_dim" in name:
@@ -86,10 +86,14 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 attn_implementation="eager", experts_implementation="eager")
+    if "kv_lora_rank" in base:  # multi-head latent attention (DeepSeek-V2): its keys are per head, never shared
+        base["num_key_value_heads"] = base["num_attention_heads"]
     base.update(_TINY.get(model_type, {}))
     base.update(overrides)
     if model_type == "gpt_neo":  # its layer pattern, [[types, repeats]], must cover exactly the layers asked for
         base.setdefault("attention_types", [[["global"], base["num_hidden_layers"]]])
+    if "head_dim" in base and base["head_dim"] is None:
+        base["head_dim"] = base["hidden_size"] // base["num_attention_heads"]
     attn, experts = base.pop("attn_implementation"), base.pop("experts_implementation")
     config = AutoConfig.for_model(model_type, **base)
     config._attn_implementation = attn

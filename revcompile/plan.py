@@ -233,7 +233,10 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                     structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
                 except Exception as err:  # a layer the passes do not understand is reported, never half-converted
                     first_line = (str(err).strip().splitlines() or [""])[0][:160]
-                    structures[key] = NotReversible(f"analysis failed ({type(err).__name__}: {first_line})")
+                    structures[key] = NotReversible(
+                        f"its traced graph fails on the probe's values ({type(err).__name__}: {first_line}): the "
+                        "layer is traced once, so a forward that branches on values (`if out is not None`) does not "
+                        "convert")
             found = structures[key]
             if index + 1 < len(stack.calls) and _hands_on_state(call, stack.calls[index + 1]):
                 found = NotReversible(f"it returns {len(call.output)} values and the next layer reads one of them "
