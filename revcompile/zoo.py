@@ -103,12 +103,29 @@ def _loss(model, ids):
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def _grads(model, ids, reference: bool) -> dict[str, torch.Tensor]:
+def reversible_nodes(loss: torch.Tensor) -> list:
+    """The reversible Function nodes of the autograd graph of `loss` (`node.call` is the layer call's CouplingCall)."""
+    seen, stack, nodes = set(), [loss.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "ReversibleCouplingBackward":
+            nodes.append(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return nodes
+
+
+def _grads(model, ids, reference: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """(gradients of one step, how many reversible layer calls it ran)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same dropout draws in both runs (the reversible one replays them in backward)
     with disable_inversion() if reference else contextlib.nullcontext():
-        _loss(model, ids).backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss = _loss(model, ids)
+        calls = len(reversible_nodes(loss))
+        loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, calls
 
 
 def build(family: str, layers: int = 3, seed: int = 0) -> torch.nn.Module:
@@ -154,9 +171,12 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
                        forms=Counter(p.form for p in plan.pairs), schemes=Counter(p.scheme for p in plan.pairs),
                        reason=plan.reasons() if plan.skipped else "")
     try:
-        grads, reference = _grads(model, ids, False), _grads(model, ids, True)
+        (grads, calls), (reference, _) = _grads(model, ids, False), _grads(model, ids, True)
     except Exception:
         result.status, result.reason = CRASHED, "training step: " + traceback.format_exc(limit=-3)
+        return result
+    if calls != result.converted:  # the comparison means nothing unless backward did rebuild every layer
+        result.status, result.reason = MISMATCH, f"{calls} reversible layer calls for {result.converted} layers"
         return result
     if grads.keys() != reference.keys():
         result.status, result.reason = MISMATCH, f"gradients of {sorted(grads.keys() ^ reference.keys())} differ"
