@@ -48,9 +48,11 @@ def _shrunk_sizes(model_type: str) -> dict:
             small[name] = None
         if "rotary_dim" in name and isinstance(value, int) and value > 8:  # rotary features of a head (GPT-J)
             small[name] = 8
+        if value is None and ("expert" in name or "topk" in name):  # set from other fields at full size
+            value = 2 ** 31
         if not isinstance(value, int) or isinstance(value, bool) or name.endswith("_id") or "position" in name:
             continue
-        if "per_tok" in name or "topk" in name.replace("_", "") and "group" not in name:
+        if "per_tok" in name or "topk" in name.replace("_", "") and "group" not in name or name == "moe_k":
             small[name] = min(value, 2)  # experts each token picks
         elif "group" in name and ("expert" in name or "topk" in name or name in ("n_group", "n_groups")):
             small[name] = 1  # expert groups (DeepSeek's grouped top-k), state-space head groups (Mamba-2)

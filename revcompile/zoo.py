@@ -90,7 +90,8 @@ def computes_in_float32(layers: list[torch.nn.Module], run) -> bool:
     def leave(*_):
         watch.__exit__(None, None, None)
 
-    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+    hooks = [hook for layer in layers
+             for hook in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
     try:
         run()
     finally:
