@@ -22,12 +22,16 @@ from .capture.tracer import bind_call, unwrapped_forward
 from .coupling import Scheme
 from .distributed import refuse_wrapped
 from .errors import RevcompileError
-from .plan import Pair, analyze
+from .passes.residuals import PARALLEL, SEQUENTIAL, WHOLE
+from .plan import Pair, Skipped, analyze
 from .runtime.compiled import BranchCompiler
 from .runtime.head import HEADS, convert_head, has_chunked_head, head_transform, undo_head
 from .runtime.layer import NEW_MODULES, LayerRuntime, chunks_by_branch, disable_inversion, reversible_class
 from .runtime.streams import resolve_exact
 from .schemes import SchemeConfig, get_scheme
+from .schemes.branches import scheme_fits
+
+DEFAULT_SCHEMES = {SEQUENTIAL: "symplectic", PARALLEL: "symplectic", WHOLE: "midpoint"}
 
 __all__ = ["make_reversible", "analyze", "undo", "disable_inversion", "converted_layers", "inversion_report"]
 
@@ -59,12 +63,11 @@ def _records_call(convert):
         options, scheme = arguments.pop("options"), arguments.pop("scheme")
         if isinstance(scheme, SchemeConfig):
             scheme, options = scheme.name, {name: getattr(scheme, name) for name in scheme.options()}
-        elif not isinstance(scheme, str):
-            scheme = None  # a ready-made Scheme object: a reload cannot rebuild it
-        record = {"scheme": scheme, "options": options, **arguments,
+        ready_made = scheme is not None and not isinstance(scheme, str)  # a Scheme object: a reload cannot rebuild it
+        record = {"scheme": None if ready_made else scheme, "options": options, **arguments,
                   "layers": [pair.layer for pair in model._revcompile_plan.pairs]}
         unrecordable = [name for name, value in {**arguments, **options}.items() if not _is_json(value)]
-        record["not_recorded"] = sorted(unrecordable + (["scheme"] if scheme is None else []))
+        record["not_recorded"] = sorted(unrecordable + (["scheme"] if ready_made else []))
         model._revcompile_call = record
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
@@ -83,7 +86,7 @@ def _is_json(value: Any) -> bool:
 
 
 @_records_call
-def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "symplectic", *, invert: bool = True,
+def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None = None, *, invert: bool = True,
                     example_inputs: Any = None, recompute_chunks: int | None = None, max_run: int | None = None,
                     compile: bool = False, exact: bool | None = None, exact_headroom: int | None = None,
                     head: str = "chunked", head_chunk_tokens: int | None = None,
@@ -91,7 +94,9 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     """Convert `model` in place so that backward rebuilds each converted layer's input from its output.
 
     scheme:          a coupling scheme name (see `revcompile.SCHEMES` and the README's guide), its config
-                     (`revcompile.schemes.MEFT1Config(lam=0.05)`) or a Scheme.
+                     (`revcompile.schemes.MEFT1Config(lam=0.05)`) or a Scheme; None (the default) chooses per layer
+                     form, DEFAULT_SCHEMES: symplectic for attention/FFN pairs (sequential or parallel), midpoint
+                     for a layer converted whole. A layer whose form the scheme cannot convert is skipped, saying so.
     **options:       the scheme's options by name, e.g. `make_reversible(model, "meft1", lam=0.05, rank=16)`.
     invert:          False keeps the coupled computation but trains it with ordinary autograd (stores activations).
     example_inputs:  one forward call's input (a tensor, a tuple of arguments or a dict of keywords), used to
@@ -129,8 +134,9 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     (the model unchanged) for a non-Module, a second conversion, an unknown scheme or option, an invalid option
     value, or a model with no residual pair.
     """
-    scheme = get_scheme(scheme, **options)
-    exact = resolve_exact(scheme, exact, exact_headroom)
+    if scheme is None and options:
+        raise RevcompileError(f"options {sorted(options)} need a scheme: make_reversible(model, 'midpoint', h=0.25)")
+    chosen = None if scheme is None else get_scheme(scheme, **options)
     if recompute_chunks is not None and (not isinstance(recompute_chunks, int) or recompute_chunks < 1):
         raise RevcompileError(f"recompute_chunks must be a positive integer or None, got {recompute_chunks!r}")
     if max_run is not None and (not isinstance(max_run, int) or max_run < 1):
@@ -142,31 +148,42 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme = "sym
     if head_chunk_tokens is not None and (not isinstance(head_chunk_tokens, int) or head_chunk_tokens < 1):
         raise RevcompileError(f"head_chunk_tokens must be a positive integer or None, got {head_chunk_tokens!r}")
     plan = analyze(model, example_inputs)
+    schemes = {form: chosen or get_scheme(name) for form, name in DEFAULT_SCHEMES.items()}
+    exact_by_form = {form: resolve_exact(scheme, exact, exact_headroom) for form, scheme in schemes.items()}
+    for pair in plan.pairs:
+        pair.scheme = schemes[pair.form].name
+    unfit = [p for p in plan.pairs if not scheme_fits(schemes[p.form], p.form)]
+    plan.skipped += [Skipped(p.layer, f"scheme {p.scheme!r} needs an attention and an FFN/MoE branch, and this layer "
+                                      f"converts only whole ({p.structure.why_whole}): midpoint or leapfrog convert "
+                                      "it (scheme=None chooses per layer)") for p in unfit]
+    plan.pairs = [p for p in plan.pairs if p not in unfit]
     if not plan.pairs:
         reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no layers found"
-        raise RevcompileError(f"{type(model).__name__} has no residual attention -> FFN/MoE pair to convert "
-                              f"({reasons})")
+        raise RevcompileError(f"{type(model).__name__} has no layer to convert ({reasons})")
+    new = [pair for pair in plan.pairs if schemes[pair.form].new_modules is not None]
+    added = [_new_modules(pair, schemes[pair.form]) for pair in new]  # all built (and validated) before any is set
+    for pair, modules in zip(new, added):
+        pair.module.add_module(NEW_MODULES, modules)
     head_skipped, softcap = head_transform(model, example_inputs) if head == "chunked" else ("head='original'", None)
-    if scheme.new_modules is not None:
-        added = [_new_modules(pair, scheme) for pair in plan.pairs]  # all built (and validated) before any is set
-        for pair, modules in zip(plan.pairs, added):
-            pair.module.add_module(NEW_MODULES, modules)
     compiler = BranchCompiler() if compile else None
-    # a run is a maximal sequence of consecutive converted layers of one stack (cut into pieces of max_run): it
-    # opens and merges the streams
-    runs = [[pair for _, pair in run]
-            for _, run in groupby(enumerate(plan.pairs), key=lambda ip: (ip[1].stack, ip[1].index - ip[0]))]
+    # a run is a maximal sequence of consecutive converted layers of one stack and one scheme (cut into pieces of
+    # max_run): it opens and merges the streams
+    runs = [[pair for _, pair in run] for _, run in groupby(
+        enumerate(plan.pairs), key=lambda ip: (ip[1].stack, ip[1].index - ip[0], ip[1].scheme))]
     if max_run is not None:
         runs = [run[i:i + max_run] for run in runs for i in range(0, len(run), max_run)]
     for run in runs:
         for i, pair in enumerate(run):
             layer = pair.module
+            scheme = schemes[pair.form]
+            outputs = len(pair.call.output) if isinstance(pair.call.output, (tuple, list)) else None
             layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
                                              pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
                                              chunks=chunks_by_branch(scheme, pair.structure.splits_by_token,
                                                                      recompute_chunks), compiler=compiler,
-                                             exact=exact, exact_headroom=exact_headroom)
+                                             exact=exact_by_form[pair.form], exact_headroom=exact_headroom,
+                                             form=pair.form, outputs=outputs)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     if any(pair.module.__dict__.get("gradient_checkpointing") for pair in plan.pairs):

@@ -55,7 +55,7 @@ from .coupling import Scheme
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_values
 from .passes.extract import branch_graph_of, writes_in_place
-from .passes.residuals import NotReversible, Residual, find_residual_chain
+from .passes.residuals import SEQUENTIAL, NotReversible, Residual, find_residual_chain
 from .passes.rewrite import coupling_module
 from .runtime.compiled import COMPILE_OPTIONS
 from .runtime.layer import (
@@ -66,6 +66,7 @@ from .runtime.layer import (
 )
 from .runtime.streams import resolve_exact
 from .schemes import get_scheme
+from .schemes.branches import scheme_branches
 
 __all__ = ["CompileOnFirstCall", "GraphLayer", "revcompile_backend"]
 
@@ -394,7 +395,7 @@ class _Converter:
                 runtime = StreamRuntime(self.scheme, is_first=i == 0, is_last=i == len(run) - 1,
                                         chunks=chunks_by_branch(self.scheme, structure.splits_by_token, self.chunks),
                                         exact=self.exact, exact_headroom=self.exact_headroom)
-                branches = self.scheme.compose(roles, {}) if self.scheme.compose else roles
+                branches = scheme_branches(self.scheme, SEQUENTIAL, roles, {})
                 names = tuple(f"input_{k}" for k in range(len(layer.inputs)))
                 target = f"revcompile_layer_{len(calls)}"
                 self.gm.add_submodule(target, GraphLayer(runtime, branches, names, layer.name))

@@ -68,13 +68,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for number, pair in enumerate(firsts, 1):
         layers = [p.layer for p in plan.pairs if p.structure is pair.structure]
         print(f"==== converted layer structure {number} of {len(firsts)}: {', '.join(layers)} ====\n")
-        show_structure(pair, args.scheme, args.dot, prefix=f"{pair.layer}." if len(firsts) > 1 else "")
+        show_structure(pair, args.dot, prefix=f"{pair.layer}." if len(firsts) > 1 else "")
     if args.dot:
         print(f"\nwrote .dot graphs to {args.dot}")
     return 0
 
 
-def show_structure(pair, scheme: str, dot: str | None, prefix: str = "") -> None:
+def show_structure(pair, dot: str | None, prefix: str = "") -> None:
     """Print one converted layer's graphs (traced, branches, coupling, inverse) and op counts; write .dot files."""
     runtime = pair.module._revcompile
     before = fx.GraphModule(pair.module, pair.structure.trace.graph, class_name=runtime.original_class.__name__)
@@ -87,7 +87,7 @@ def show_structure(pair, scheme: str, dot: str | None, prefix: str = "") -> None
     for name, branch in branches.items():
         if branch not in cut.values():
             print(f"== branch {name} (composed by the scheme) ==\n{branch}\n")
-    print(f"== {pair.layer} after: generated {scheme} coupling ==\n{coupled.code.strip()}\n")
+    print(f"== {pair.layer} ({pair.form}) after: generated {pair.scheme} coupling ==\n{coupled.code.strip()}\n")
     print(f"== generated inverse ==\n{inverse.code.strip()}\n")
     # the coupling's calls of its branches are not ops; the ops inside the pair's two branches are (the layer's own
     # children, say `module mlp`, are called there)
@@ -162,17 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revcompile", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "a transformers model_type (tiny config, random weights, no download) or a local model directory"
-    scheme_help = f"coupling scheme: {', '.join(SCHEMES)} (default %(default)s)"
+    scheme_help = (f"coupling scheme: {', '.join(SCHEMES)} (default: chosen per layer form, symplectic for "
+                   "attention/FFN pairs and midpoint for layers converted whole)")
     diff = sub.add_parser("diff", help="show a model's layer graph before and after conversion, and the inverse")
     diff.add_argument("model", help=model_help)
-    diff.add_argument("--scheme", default="symplectic", choices=list(SCHEMES), metavar="SCHEME", help=scheme_help)
+    diff.add_argument("--scheme", choices=list(SCHEMES), metavar="SCHEME", help=scheme_help)
     diff.add_argument("--dot", metavar="DIR", help="also write the graphs as Graphviz .dot files into DIR (prefixed "
                                                    "with the layer when the model has several layer structures)")
     diff.set_defaults(func=cmd_diff)
     check = sub.add_parser("check", help="per-layer reconstruction and gradient error against the reference; "
                                          "exit status 1 when the gradient error exceeds the dtype's tolerance")
     check.add_argument("model", help=model_help)
-    check.add_argument("--scheme", default="symplectic", choices=list(SCHEMES), metavar="SCHEME", help=scheme_help)
+    check.add_argument("--scheme", choices=list(SCHEMES), metavar="SCHEME", help=scheme_help)
     check.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16"],
                        help="dtype of the weights and streams (default %(default)s)")
     check.add_argument("--autocast", choices=["bfloat16", "float16"],

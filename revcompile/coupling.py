@@ -152,7 +152,8 @@ class Scheme:
                   (None with a split open).
     output_order: a permutation applied after the steps: the next layer's stream streams[i] is this layer's
                   output_order[i] (MEFT's [y2, y1], the midpoint's (prev, cur) -> (cur, next)).
-    branch_roles: the branches the steps use, and which of the pair's own branches ("attn", "mlp") each runs;
+    branch_roles: the branches the steps use, and which of the layer's roles ("attn", "mlp", or "layer": the whole
+                  layer's update f(x) = layer(x) - x) each runs;
                   branches other than the pair's own are built by `compose` from them (and from the modules
                   `new_modules` adds to the layer). A branch made only of token-wise ones is recomputed a slice of
                   the sequence at a time.

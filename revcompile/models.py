@@ -35,17 +35,67 @@ _TINY: dict[str, dict] = {
 TINY_FAMILIES: tuple[str, ...] = tuple(_TINY)
 
 
+def _shrunk_sizes(model_type: str) -> dict:
+    """Small values for the size fields of a family's default config, found by name (no list of families).
+
+    Example:
+        >>> _shrunk_sizes("qwen3_next")["num_experts"], _shrunk_sizes("qwen3_next")["linear_key_head_dim"]
+        (4, 16)
+    """
+    small = {}
+    for name, value in AutoConfig.for_model(model_type).to_dict().items():
+        if name == "head_dim" and value is None:  # some families derive it from the full-size width: set by tiny_config
+            small[name] = None
+        if "rotary_dim" in name and isinstance(value, int) and value > 8:  # rotary features of a head (GPT-J)
+            small[name] = 8
+        if value is None and ("expert" in name or "topk" in name):  # set from other fields at full size
+            value = 2 ** 31
+        if not isinstance(value, int) or isinstance(value, bool) or name.endswith("_id") or "position" in name:
+            continue
+        if "per_tok" in name or "topk" in name.replace("_", "") and "group" not in name or name == "moe_k":
+            small[name] = min(value, 2)  # experts each token picks
+        elif "group" in name and ("expert" in name or "topk" in name or name in ("n_group", "n_groups")):
+            small[name] = 1  # expert groups (DeepSeek's grouped top-k), state-space head groups (Mamba-2)
+        elif "expert" in name and "size" not in name and "dim" not in name:
+            small[name] = min(value, 4 if "shared" not in name else 1)  # expert counts
+        elif "head_dim" in name:
+            small[name] = 8 if ("rope" in name or "nope" in name) else 16
+        elif "lora_rank" in name:
+            small[name] = 16
+        elif ("intermediate_size" in name or "ffn_hidden_size" in name) and name != "intermediate_size":
+            small[name] = 32
+        elif "vocab_size" in name:
+            small[name] = 128
+        elif "num" in name and "heads" in name and "key_value" not in name:
+            small[name] = min(value, 4)
+        elif name.endswith("_layers") and "window" not in name and value > 2:  # encoder_layers, decoder_layers
+            small[name] = 2
+        elif name.endswith(("hidden_size_per_layer_input", "d_state", "state_size")) and value > 16:
+            small[name] = 16
+    if "qk_head_dim" in small:  # derived: nope + rope
+        small["qk_head_dim"] = small.get("qk_nope_head_dim", 8) + small.get("qk_rope_head_dim", 8)
+    return small
+
+
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     """A small config of `model_type` (a transformers model_type such as "mixtral"), no download.
 
-    Unknown families still work when transformers knows them: only the common size fields are shrunk.
+    Unknown families still work when transformers knows them: the common size fields, and the size fields of the
+    family's default config found by name (`_shrunk_sizes`), are shrunk.
     """
-    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    base = _shrunk_sizes(model_type)
+    base.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 attn_implementation="eager", experts_implementation="eager")
+    if "kv_lora_rank" in base:  # multi-head latent attention (DeepSeek-V2): its keys are per head, never shared
+        base["num_key_value_heads"] = base["num_attention_heads"]
     base.update(_TINY.get(model_type, {}))
     base.update(overrides)
+    if model_type == "gpt_neo":  # its layer pattern, [[types, repeats]], must cover exactly the layers asked for
+        base.setdefault("attention_types", [[["global"], base["num_hidden_layers"]]])
+    if "head_dim" in base and base["head_dim"] is None:
+        base["head_dim"] = base["hidden_size"] // base["num_attention_heads"]
     attn, experts = base.pop("attn_implementation"), base.pop("experts_implementation")
     config = AutoConfig.for_model(model_type, **base)
     config._attn_implementation = attn

@@ -15,27 +15,36 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from tabulate import tabulate
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_layer
 from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .distributed import ORDER, refuse_wrapped
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_branches
-from .passes.extract import branch_graph_of
-from .passes.residuals import NotReversible, Residual, find_residual_chain
+from .passes.extract import branch_graph_of, whole_layer_graph_of
+from .passes.residuals import (PARALLEL, SEQUENTIAL, WHOLE, NotReversible, Residual, find_parallel_residual,
+                               find_residual_chain)
 
 
 @dataclass
 class LayerStructure:
-    """What the passes found in one distinct layer structure (shared by every layer that has it)."""
+    """What the passes found in one distinct layer structure (shared by every layer that has it).
+
+    form: SEQUENTIAL (x + A(x), then + M(.)), PARALLEL (x + A(x) + M(x)) or WHOLE (f(x) = layer(x) - x, for any
+    layer that maps the hidden state to one of the same shape); `why_whole` says why a whole layer is not a pair.
+    """
 
     trace: LayerTrace
     chain: list[Residual]
     branch_graphs: list[fx.Graph]
     kinds: list[str] = field(default_factory=list)
     splits_by_token: list[bool] = field(default_factory=list)  # may backward recompute it a slice at a time?
+    form: str = SEQUENTIAL
+    why_whole: str = ""
 
     def branch_modules(self, i: int) -> tuple[str, ...]:
         return tuple(n.target for n in self.branch_graphs[i].nodes if n.op == "call_module")
@@ -43,17 +52,23 @@ class LayerStructure:
 
 @dataclass
 class Pair:
-    """An attention branch followed by an FFN or MoE branch, in one layer."""
+    """A layer to convert: an attention branch and an FFN or MoE branch (in sequence or in parallel), or the whole
+    layer as one branch (then kinds, modules and scales have one entry)."""
 
     layer: str
     stack: str
     index: int
-    kinds: tuple[str, str]
-    modules: tuple[tuple[str, ...], tuple[str, ...]]
-    scales: tuple[float | None, float | None]
+    kinds: tuple[str, ...]
+    modules: tuple[tuple[str, ...], ...]
+    scales: tuple[float | None, ...]
     module: nn.Module = field(repr=False)
     call: LayerCall = field(repr=False)
     structure: LayerStructure = field(repr=False)
+    scheme: str | None = None  # the scheme make_reversible converted it with
+
+    @property
+    def form(self) -> str:
+        return self.structure.form
 
 
 @dataclass
@@ -74,9 +89,15 @@ class Plan:
     head: str | None = None  # set by make_reversible: how the LM head and loss run (see runtime/head.py)
 
     def table(self) -> str:
-        rows = [[p.layer, "+".join(p.modules[0]), "+".join(p.modules[1]), p.kinds[1],
+        rows = [[p.layer, p.form, " | ".join("+".join(m) for m in p.modules), " | ".join(p.kinds),
                  ", ".join("1" if s is None else f"{s:g}" for s in p.scales)] for p in self.pairs]
-        headers = ["layer", "attention branch", "FFN/MoE branch", "kind", "residual scale"]
+        headers = ["layer", "form", "branches", "kind", "residual scale"]
+        if any(p.scheme for p in self.pairs):
+            headers.append("scheme")
+            rows = [row + [p.scheme] for row, p in zip(rows, self.pairs)]
+        if any(p.structure.why_whole for p in self.pairs):
+            headers.append("why whole layer")
+            rows = [row + [p.structure.why_whole] for row, p in zip(rows, self.pairs)]
         runtimes = [getattr(p.module, "_revcompile", None) for p in self.pairs]
         if any(rt is not None and rt.scheme.implicit for rt in runtimes):  # converted with fixed-point inversion
             headers.append("fixed point (forwards so far)")
@@ -85,6 +106,14 @@ class Plan:
         if self.skipped:
             text += "\n\n" + tabulate([[s.layer, s.reason] for s in self.skipped], headers=["skipped", "reason"])
         return text
+
+    def reasons(self) -> str:
+        """The skip reasons, each once, with the layers it applies to."""
+        layers: dict[str, list[str]] = {}
+        for s in self.skipped:
+            layers.setdefault(s.reason, []).append(s.layer)
+        return "; ".join(f"{', '.join(names) if len(names) <= 2 else f'{len(names)} layers'}: {reason}"
+                         for reason, names in layers.items())
 
     def __str__(self) -> str:
         head = (f"revcompile plan{' (applied)' if self.applied else ''}: {len(self.pairs)} pairs, "
@@ -100,22 +129,73 @@ def _inversions(stats) -> str:
             if stats.stored else f"{stats.solved} inverted, <= {stats.max_iterations} iterations")
 
 
-def layer_branches(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[LayerTrace, list[Residual], list[fx.Graph]]:
-    """Trace one layer for a call and cut out its residual branches (NotReversible with the reason otherwise)."""
+def _describe_chain(chain: list[Residual]) -> str:
+    if not chain:
+        return "it has no residual add of its own (the residual, if any, is inside a child module)"
+    return (f"it has {len(chain)} residual branch{'es' if len(chain) > 1 else ''}, not an attention branch followed "
+            "by an FFN/MoE branch")
+
+
+def _kinds_reason(form: str, kinds: list[str]) -> str:
+    return (f"its {'parallel' if form == PARALLEL else 'two'} residual branches are {kinds[0]} and {kinds[1]}, not "
+            "attention and FFN/MoE")
+
+
+def _cut(trace: LayerTrace) -> tuple[str, list[Residual], str]:
+    """(form, residuals, why not a pair) of a traced layer: the residual chain, a parallel sum, or the whole layer."""
+    try:
+        chain, why = find_residual_chain(trace.graph, trace.hidden_name), ""
+    except NotReversible as reason:
+        chain, why = None, str(reason)
+    if chain is not None and len(chain) == 2:
+        return SEQUENTIAL, chain, ""
+    parallel = find_parallel_residual(trace.graph, trace.hidden_name)
+    if parallel:
+        return PARALLEL, parallel, ""
+    return WHOLE, [], why or _describe_chain(chain)
+
+
+def layer_branches(layer: nn.Module, args: tuple, kwargs: dict, form: str | None = None,
+                   like: list[fx.Graph] | None = None) -> tuple[LayerTrace, str, list[Residual], list[fx.Graph], str]:
+    """Trace one layer for a call and cut it into branches: (trace, form, residuals, branch graphs, why the layer
+    is not a pair). `form`, `like`: the form and branch graphs found for another call of the layer, to cut this
+    one alike (two parallel branches are ordered by the modules they call)."""
     trace = trace_layer(layer, args, kwargs)
-    chain = find_residual_chain(trace.graph, trace.hidden_name)
-    if len(chain) != 2:
-        raise NotReversible(f"found {len(chain)} residual branch{'es' if len(chain) != 1 else ''}; a pair is an "
-                            "attention branch followed by an FFN/MoE branch")
-    return trace, chain, [branch_graph_of(trace, r) for r in chain]
+    found, chain, why = _cut(trace)
+    if form is not None and form != WHOLE and found != form:
+        raise NotReversible(f"this call of the layer is {found}, another was {form}")
+    form = form or found
+    if form == WHOLE:
+        return trace, form, chain, [whole_layer_graph_of(trace)], why
+    graphs = [branch_graph_of(trace, r) for r in chain]
+    if like is not None and form == PARALLEL and _modules(graphs[0]) != _modules(like[0]):
+        chain, graphs = chain[::-1], graphs[::-1]
+    return trace, form, chain, graphs, why
+
+
+def _modules(graph: fx.Graph) -> set:
+    return {n.target for n in graph.nodes if n.op == "call_module"}
 
 
 def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
-    trace, chain, graphs = layer_branches(layer, call.args, call.kwargs)
+    trace, form, chain, graphs, why = layer_branches(layer, call.args, call.kwargs)
+    if form == WHOLE:
+        return LayerStructure(trace, chain, graphs, ["layer"], [False], WHOLE, why)
     kinds, splits = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
+    if form == PARALLEL and kinds[1] == ATTENTION and kinds[0] != ATTENTION:  # attention is the first role
+        chain, graphs, kinds, splits = chain[::-1], graphs[::-1], kinds[::-1], splits[::-1]
     if kinds[0] != ATTENTION or kinds[1] not in (FFN, MOE):
-        raise NotReversible(f"branches are {kinds[0]} then {kinds[1]}; a pair is attention then FFN/MoE")
-    return LayerStructure(trace, chain, graphs, kinds, splits)
+        why = _kinds_reason(form, kinds)
+        return LayerStructure(trace, [], [whole_layer_graph_of(trace)], ["layer"], [False], WHOLE, why)
+    return LayerStructure(trace, chain, graphs, kinds, splits, form)
+
+
+def _hands_on_state(call: LayerCall, following: LayerCall) -> bool:
+    """Does a layer's call return, beside its hidden state, a tensor that the next layer's call reads?"""
+    if not isinstance(call.output, (tuple, list)):
+        return False
+    extras = {id(t) for t in tree_flatten(list(call.output[1:]))[0] if isinstance(t, torch.Tensor)}
+    return any(id(t) in extras for t in tree_flatten((following.args[1:], following.kwargs))[0])
 
 
 def structure_key(layer: nn.Module, call: LayerCall) -> tuple:
@@ -159,12 +239,19 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                     structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
                 except Exception as err:  # a layer the passes do not understand is reported, never half-converted
                     first_line = (str(err).strip().splitlines() or [""])[0][:160]
-                    structures[key] = NotReversible(f"analysis failed ({type(err).__name__}: {first_line})")
+                    structures[key] = NotReversible(
+                        f"its traced graph fails on the probe's values ({type(err).__name__}: {first_line}): the "
+                        "layer is traced once, so a forward that branches on values (`if out is not None`) does not "
+                        "convert")
             found = structures[key]
+            if index + 1 < len(stack.calls) and _hands_on_state(call, stack.calls[index + 1]):
+                found = NotReversible(f"it returns {len(call.output)} values and the next layer reads one of them "
+                                      "(state carried from layer to layer beside the hidden state), which a "
+                                      "reversible run cannot rebuild")
             if isinstance(found, NotReversible):
                 skipped.append(Skipped(names[layer], str(found)))
                 continue
             pairs.append(Pair(names[layer], stack.name, index, tuple(found.kinds),
-                              (found.branch_modules(0), found.branch_modules(1)),
-                              tuple(r.scale for r in found.chain), layer, call, found))
+                              tuple(found.branch_modules(i) for i in range(len(found.branch_graphs))),
+                              tuple(r.scale for r in found.chain) or (None,), layer, call, found))
     return Plan([s.name for s in stacks], pairs, skipped, len(structures))

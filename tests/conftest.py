@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import revcompile  # noqa: E402
 from revcompile.models import TINY_FAMILIES, tiny_model  # noqa: E402
+from revcompile.zoo import reversible_nodes  # noqa: E402
 from plain_models import PlainLM  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
@@ -44,20 +45,6 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     if hasattr(out, "loss"):
         return out.loss
     return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def reversible_nodes(loss: torch.Tensor) -> list:
-    """The reversible Function nodes of the autograd graph of `loss` (`node.call` is the layer call's CouplingCall)."""
-    seen, stack, nodes = set(), [loss.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if type(fn).__name__ == "ReversibleCouplingBackward":
-            nodes.append(fn)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return nodes
 
 
 def count_reversible_nodes(loss: torch.Tensor) -> int:

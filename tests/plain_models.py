@@ -51,6 +51,14 @@ class SparseTopKMoE(TopKMoE):
         return out
 
 
+class FlatTopKMoE(TopKMoE):
+    """Flattens tokens with `.view` as Hugging Face MoEs do (`hidden_states.view(-1, hidden_dim)`): it needs a
+    contiguous input."""
+
+    def forward(self, x):
+        return super().forward(x.view(-1, x.shape[-1])).view(x.shape)
+
+
 class PreNormBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
@@ -68,6 +76,18 @@ class SparsePreNormBlock(PreNormBlock):
     def __init__(self, width: int):
         super().__init__(width)
         self.ff = SparseTopKMoE(width, experts=8)
+
+
+class FlatMoEBlock(PreNormBlock):
+    """Normalises after the branches, as OLMo-2 and FlexOlmo do: the MoE reads the residual stream itself."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.ff = FlatTopKMoE(width)
+
+    def forward(self, x):
+        x = x + self.norm_a(self.mix(x))
+        return x + self.norm_b(self.ff(x))
 
 
 class PostNormBlock(PreNormBlock):

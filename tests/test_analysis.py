@@ -24,7 +24,7 @@ def test_pairs_found_per_family(name):
     first, later = EXPECTED_KINDS[name]
     assert [p.kinds for p in plan.pairs] == [("attention", first)] + [("attention", later)] * 2
     assert plan.structures == (2 if first != later else 1)
-    assert "attention branch" in str(plan)
+    assert all(p.form == "sequential" for p in plan.pairs) and "sequential" in str(plan)
 
 
 def test_plain_model_names_are_found():
@@ -38,22 +38,34 @@ def test_granite_residual_multiplier_is_found():
     assert all(p.scales == (0.5, 0.5) for p in plan.pairs)
 
 
-@pytest.mark.parametrize("block, reason", [(PostNormBlock, "post-norm"), (ParallelBlock, "parallel residual")])
-def test_unsupported_layers_are_skipped_with_reason(block, reason):
-    model = PlainLM(block=block)
+@pytest.mark.parametrize("block, form, scheme", [(PostNormBlock, "whole layer", "midpoint"),
+                                                  (ParallelBlock, "parallel", "symplectic")])
+def test_post_norm_and_parallel_layers_get_their_form(block, form, scheme):
+    from conftest import loss_and_grads, rel_err, token_batch
+
+    model = PlainLM(block=block).double()
     plan = revcompile.analyze(model)
-    assert not plan.pairs and len(plan.skipped) == 3
-    assert all(reason in s.reason for s in plan.skipped)
-    with pytest.raises(RevcompileError, match=reason):
-        revcompile.make_reversible(model)
+    assert not plan.skipped and [p.form for p in plan.pairs] == [form] * 3
+    revcompile.make_reversible(model).train()
+    assert [p.scheme for p in model._revcompile_plan.pairs] == [scheme] * 3
+    assert form in str(model._revcompile_plan) and scheme in str(model._revcompile_plan)
+    ids = token_batch(model)
+    _, nodes, grads = loss_and_grads(model, ids, reference=False)
+    _, _, ref = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and grads.keys() == ref.keys() and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-8
+
+
+def test_pair_scheme_on_a_whole_layer_is_skipped_with_what_converts_it():
+    with pytest.raises(RevcompileError, match="midpoint or leapfrog convert it"):
+        revcompile.make_reversible(PlainLM(block=PostNormBlock), "symplectic")
 
 
 def test_mixed_stack_converts_only_what_it_can():
     model = PlainLM(depth=4)
     model.blocks[2] = PostNormBlock(32)
-    plan = revcompile.analyze(model)
+    revcompile.make_reversible(model, "symplectic")
+    plan = model._revcompile_plan
     assert [p.index for p in plan.pairs] == [0, 1, 3] and plan.skipped[0].layer == "blocks.2"
-    revcompile.make_reversible(model)
     model.train()
     ids = torch.randint(0, 64, (2, 8))
     out = model(ids)
@@ -91,3 +103,17 @@ def test_a_model_outside_the_list_converts_when_its_layers_fit():
     _, nodes, grads = loss_and_grads(model, ids, reference=False)
     _, _, ref = loss_and_grads(model, ids, reference=True)
     assert nodes == 2 and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-8
+
+
+@pytest.mark.parametrize("family, words", [
+    ("openai-gpt", "post-norm: it ends in `ln_2` applied after the residual add"),
+    ("minimax", "the residual is taken after `post_attention_layernorm`"),
+    ("opt", "the residual stream goes through a reshape between residual adds")])
+def test_why_a_layer_converts_whole_is_said_in_the_users_words(family, words):
+    from revcompile.models import tiny_model
+
+    plan = revcompile.analyze(tiny_model(family, num_hidden_layers=2))
+    whys = {p.structure.why_whole for p in plan.pairs}
+    assert {p.form for p in plan.pairs} == {"whole layer"} and len(whys) == 1 and words in whys.pop()
+    assert not any(graph_word in str(plan) for graph_word in ("call_function", "call_module", "call_method",
+                                                              "dominates", "placeholder"))

@@ -26,7 +26,7 @@ def test_diff_of_a_local_model_directory(capsys, tmp_path):
 
 @pytest.mark.parametrize("model, message", [("no_such_model", "unknown model 'no_such_model'"),
                                             (".", "without a config.json"),
-                                            ("bert", "no residual attention -> FFN/MoE pair to convert")])
+                                            ("xlm", "has no layer stack")])
 def test_diff_bad_model_is_one_line_error(capsys, model, message):
     assert main(["diff", model]) == 2
     err = capsys.readouterr().err

@@ -8,7 +8,7 @@ from revcompile.capture.tracer import dynamic_names
 from conftest import ALL_MODELS, make_model, rel_err
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", (*ALL_MODELS, "phi", "openai-gpt", "bloom"))  # + parallel and whole-layer forms
 def test_generated_inverse_rebuilds_input(name):
     model = revcompile.make_reversible(make_model(name, torch.float64))
     model.eval()

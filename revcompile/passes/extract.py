@@ -1,4 +1,5 @@
-"""Rewrite pass: cut a residual branch out of a layer graph as a GraphModule `branch(x, *context) -> B(x)`.
+"""Rewrite pass: cut a residual branch out of a layer graph as a GraphModule `branch(x, *context) -> B(x)`, or
+make the whole layer's update `f(x, *context) -> layer(x)[0] - x` (`whole_layer_graph_of`).
 
 The branch is every node the added value depends on, down to (not including) the residual stream, which becomes
 the placeholder `x`. The GraphModule is rooted at the layer, so it calls the layer's own children: parameters are
@@ -16,7 +17,7 @@ import operator
 from torch import fx
 
 from ..capture.tracer import LayerTrace
-from .residuals import Residual
+from .residuals import Residual, hidden_output
 
 
 def writes_in_place(node: fx.Node) -> bool:
@@ -54,5 +55,26 @@ def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
         elif node in needed and node not in env:
             raise AssertionError(f"branch reads the layer input {node.target} other than through its stream")
     graph.output(env[residual.branch])
+    graph.lint()
+    return graph
+
+
+def whole_layer_graph_of(trace: LayerTrace) -> fx.Graph:
+    """A new graph computing the whole layer's update f(x) = layer(x) - x (its first output, when it returns several),
+    from the placeholder `x` and the layer's context placeholders.
+
+    Example:
+        >>> f = fx.GraphModule(layer, whole_layer_graph_of(trace))    # f(x, *context) + x == layer(x, ...)[0]
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in trace.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder("x" if node.target == trace.hidden_name else node.target)
+        elif node.op == "output":
+            hidden = next(env[n] for n in env if n.op == "placeholder" and n.target == trace.hidden_name)
+            graph.output(graph.call_function(operator.sub, (env[hidden_output(trace.graph)], hidden)))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()
     return graph

@@ -29,7 +29,9 @@ from ..capture.tracer import bind_call, call_signature, dynamic_names
 from ..coupling import Scheme
 from ..distributed import refuse_sharded_inside
 from ..errors import RevcompileError
+from ..passes.residuals import FORM_ROLES, SEQUENTIAL
 from ..passes.rewrite import coupling_module
+from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, branch_slices
 from .hf_outputs import ROUTER_LOGITS, active_collector
@@ -230,8 +232,10 @@ class LayerRuntime(StreamRuntime):
     def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
                  is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int],
                  compiler: BranchCompiler | None = None, exact: bool | None = False,
-                 exact_headroom: int | None = None):
+                 exact_headroom: int | None = None, form: str = SEQUENTIAL, outputs: int | None = None):
         super().__init__(scheme, is_first, is_last, chunks, exact, exact_headroom)
+        self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
+        self.outputs = outputs  # how many values the original layer returns (None: one tensor, not a tuple)
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert
         self.original_class = original_class
@@ -242,11 +246,11 @@ class LayerRuntime(StreamRuntime):
 
     def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
         roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
-                 for name, graph in zip(PAIR_ROLES, branch_graphs)}
+                 for name, graph in zip(FORM_ROLES[self.form], branch_graphs)}
         self._roles = self._roles or roles
         if self.compiler is not None:
             roles = {name: self.compiler(layer, branch, name) for name, branch in roles.items()}
-        branches = self.scheme.compose(roles, getattr(layer, NEW_MODULES, {})) if self.scheme.compose else roles
+        branches = scheme_branches(self.scheme, self.form, roles, getattr(layer, NEW_MODULES, {}))
         names = dynamic_names(signature)
         self._built[signature] = (branches, coupling_module(self.scheme, branches, names),
                                   coupling_module(self.scheme, branches, names, inverse=True))
@@ -267,7 +271,8 @@ class LayerRuntime(StreamRuntime):
             original = layer.__class__
             layer.__class__ = self.original_class
             try:
-                _, _, graphs = layer_branches(layer, args, kwargs)
+                _, _, _, graphs, _ = layer_branches(layer, args, kwargs, self.form,
+                                                    like=[r.graph for r in self._roles.values()])
             finally:
                 layer.__class__ = original
             self._build(layer, graphs, signature)
@@ -281,7 +286,13 @@ class LayerRuntime(StreamRuntime):
         """(branches, coupled forward, inverse) generated for the call signature seen when converting."""
         return next(iter(self._built.values()))
 
-    def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | tuple:
+        """The converted layer's call; a layer that returned a tuple returns (output, None, ...): its extra values
+        (attention weights) are not computed by the coupling."""
+        out = self._run(layer, args, kwargs)
+        return out if self.outputs is None else (out, *(None,) * (self.outputs - 1))
+
+    def _run(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, context, signature = self.bind(layer, args, kwargs)
         branches, coupled, _ = self.coupling(layer, args, kwargs, signature)
         values = [context[name] for name in dynamic_names(signature)]

@@ -1,16 +1,22 @@
-"""Branches that schemes build from a pair's own two (attention, FFN/MoE), plus the small modules they add.
+"""Branches that schemes build from a layer's own (attention and FFN/MoE, or the whole layer), plus the small
+modules they add.
 
-Every branch is called as `branch(*streams_it_reads, *context)` and returns the update it adds.
+Every branch is called as `branch(*streams_it_reads, *context)` and returns the update it adds. Every layer form
+offers the role "layer", the whole layer's update f(x) = layer(x) - x: composed from the pair for a sequential or
+parallel layer, cut out of the layer graph for a whole layer (`passes/extract.py`).
 
 Example:
-    >>> layer_update = LayerUpdate(attn, mlp)       # f(x) = A(x) + M(x + A(x)): the whole layer's residual update
-    >>> layer_update(x, *context) + x               # == the original layer(x)
+    >>> branches = scheme_branches(get_scheme("midpoint"), "sequential", {"attn": attn, "mlp": mlp}, {})
+    >>> branches["layer"](x, *context) + x          # == the original layer(x)
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..coupling import Scheme
+from ..passes.residuals import FORM_ROLES, PARALLEL, WHOLE
 
 
 class LayerUpdate(nn.Module):
@@ -23,6 +29,31 @@ class LayerUpdate(nn.Module):
     def forward(self, x, *context):
         a = self.attn(x, *context)
         return a + self.mlp(x + a, *context)
+
+
+class ParallelUpdate(nn.Module):
+    """A parallel layer's residual update f(x) = A(x) + M(x), as one branch."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+
+    def forward(self, x, *context):
+        return self.attn(x, *context) + self.mlp(x, *context)
+
+
+def scheme_branches(scheme: Scheme, form: str, roles: dict[str, nn.Module], extra: dict) -> dict[str, nn.Module]:
+    """The branches `scheme`'s steps call, built from a layer's roles (FORM_ROLES[form]) and the modules the scheme
+    added to it (`extra`)."""
+    if form != WHOLE:
+        roles = {**roles, "layer": (ParallelUpdate if form == PARALLEL else LayerUpdate)(roles["attn"], roles["mlp"])}
+    return scheme.compose(roles, extra) if scheme.compose else {name: roles[name] for name in scheme.branches}
+
+
+def scheme_fits(scheme: Scheme, form: str) -> bool:
+    """Can `scheme` convert a layer of this form (are the roles its branches are made of there)?"""
+    roles = set(FORM_ROLES[form]) | ({"layer"} if form != WHOLE else set())
+    return {role for used in scheme.branch_roles.values() for role in used} <= roles
 
 
 class Adapter(nn.Module):

@@ -22,7 +22,7 @@ takes the stream that carries the last pretrained layer's output instead; merge=
 from dataclasses import dataclass
 
 from ..coupling import Scheme, Step
-from .branches import Adapter, AdapterBranch, LayerUpdate, WithAdapter
+from .branches import Adapter, AdapterBranch, WithAdapter
 from .config import SchemeConfig
 
 _ACTIVATIONS = ("relu", "gelu", "silu")
@@ -68,9 +68,8 @@ class MEFT1Config(MEFTConfig):
             steps=(Step("x1", "x2", "layer", scale=self.lam, mix=(("x2", 1.0),)),
                    Step("x2", "x1", "adapter", scale=self.beta)),
             output_order=("x2", "x1"), main="x2",
-            branch_roles={"layer": ("attn", "mlp"), "adapter": ()},
-            compose=lambda roles, extra: {"layer": WithAdapter(LayerUpdate(roles["attn"], roles["mlp"]),
-                                                               extra["adapter_f"]),
+            branch_roles={"layer": ("layer",), "adapter": ()},
+            compose=lambda roles, extra: {"layer": WithAdapter(roles["layer"], extra["adapter_f"]),
                                           "adapter": AdapterBranch(extra["adapter_g"])},
             description=f"y1 = {self.lam:g} x1 + layer(x2) + adapter; y2 = {self.beta:g} x2 + adapter(y1); [y2, y1]")
 
@@ -86,10 +85,9 @@ class MEFT2Config(MEFTConfig):
             steps=(Step("x1", "x2", "adapter", scale=self.lam),
                    Step("x2", "x1", "layer", scale=self.beta, mix=(("x1", 1.0),))),
             output_order=("x2", "x1"), main="x1",
-            branch_roles={"adapter": (), "layer": ("attn", "mlp")},
+            branch_roles={"adapter": (), "layer": ("layer",)},
             compose=lambda roles, extra: {"adapter": AdapterBranch(extra["adapter_f"]),
-                                          "layer": WithAdapter(LayerUpdate(roles["attn"], roles["mlp"]),
-                                                               extra["adapter_g"])},
+                                          "layer": WithAdapter(roles["layer"], extra["adapter_g"])},
             description=f"y1 = {self.lam:g} x1 + adapter(x2); y2 = {self.beta:g} x2 + layer(y1) + adapter; [y2, y1]")
 
 

@@ -11,13 +11,14 @@ then (prev, cur) <- (cur, next). A run opens with prev = cur = h and merges to c
 Defaults (our choice; the paper trains h): the midpoint's h = 0.5 and the leapfrog's h = 1 make the first layer
 of a run exactly the original one (h + f(h)). Later layers differ from the original (every other update for the
 midpoint, a growing "velocity" for the leapfrog): these schemes need `revcompile.distill` after conversion.
-The branch is a whole layer, so its recompute is not split by token: backward's working set is one layer.
+The branch is a whole layer, so its recompute is not split by token: backward's working set is one layer. Any
+layer that maps the hidden state to one of its shape has this f (the "whole layer" form: post-norm, one residual
+branch, a residual inside a child module), so these schemes convert layers no pair scheme can.
 """
 
 from dataclasses import dataclass
 
 from ..coupling import Scheme, Step
-from .branches import LayerUpdate
 from .config import SchemeConfig
 
 
@@ -25,8 +26,7 @@ def _integrator(name: str, step: Step, description: str) -> Scheme:
     """A two-stream integrator step over the whole layer's update, then (prev, cur) <- (cur, next)."""
     return Scheme(name=name, streams=("prev", "cur"), open={"prev": 1.0, "cur": 1.0}, steps=(step,),
                   merge={"cur": 1.0}, output_order=("cur", "prev"),
-                  branch_roles={"layer": ("attn", "mlp")},
-                  compose=lambda roles, extra: {"layer": LayerUpdate(roles["attn"], roles["mlp"])},
+                  branch_roles={"layer": ("layer",)},
                   description=description)
 
 
