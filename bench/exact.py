@@ -7,7 +7,7 @@ Precision: `revcompile.check` (one step with inversion against the same coupled 
 `disable_inversion()`) on tiny olmoe, qwen3_moe, mixtral and deepseek_v3, 16 layers, random weights, batch 2 x 64,
 in fp32, bf16 weights, fp32 weights under bf16 autocast and fp16 weights; the worst rebuilt-input error and the
 worst layer-gradient error over the 16 layers. Cost: one training step of the memory benchmark's tiny Mixtral
-(bf16, 8 and 32 layers, batch 4 x 512) with exact and with float streams, child processes, peak RSS above the
+(bf16, `--cost-depths` layers, batch 4 x 512) with exact and with float streams, child processes, peak RSS above the
 pre-step level and the median of 3 step times.
 """
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--scheme-family", default="olmoe", help="the family of the per-scheme table")
+    parser.add_argument("--cost-depths", type=int, nargs="+", default=[8, 32], help="layers of the cost runs")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
 
@@ -61,7 +62,7 @@ def main() -> None:
     jobs += [(args.scheme_family, s, e, p) for s, e in SCHEMES if s != "symplectic" for p in PRECISIONS]
     rows = [precision_row(*job, args.layers) for job in tqdm(jobs, desc="checks")]
     costs = []
-    for depth in tqdm((8, 32), desc="cost"):
+    for depth in tqdm(args.cost_depths, desc="cost"):
         for method in ("revcompile", "revcompile-float"):
             costs.append(measure_step(method, depth, dtype="bfloat16", steps=3, **MEMORY_CONFIG))
 
@@ -80,7 +81,7 @@ def main() -> None:
     cost_table = tabulate([[d, cost["revcompile-float", d]["peak_mb"], cost["revcompile", d]["peak_mb"],
                             cost["revcompile", d]["peak_mb"] / cost["revcompile-float", d]["peak_mb"],
                             cost["revcompile", d]["step_s"] / cost["revcompile-float", d]["step_s"]]
-                           for d in (8, 32)],
+                           for d in args.cost_depths],
                           headers=["layers", "float streams peak MB", "exact streams peak MB", "exact / float memory",
                                    "exact / float time"], tablefmt="github", floatfmt=".3g")
     text = (f"# Exact streams against float streams\n\n`python bench/exact.py`. Each cell: worst rebuilt-input error "

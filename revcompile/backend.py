@@ -56,7 +56,6 @@ from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_values
 from .passes.extract import branch_graph_of, writes_in_place
 from .passes.residuals import SEQUENTIAL, NotReversible, Residual, find_residual_chain
-from .passes.rewrite import coupling_module
 from .runtime.compiled import COMPILE_OPTIONS
 from .runtime.layer import (
     PAIR_ROLES,
@@ -131,12 +130,10 @@ class GraphLayer(nn.Module):
     """A converted layer of a Dynamo graph: `(hidden or packed streams, *inputs) -> output`, run reversibly in
     training (grad enabled, an input requiring grad) and as the plain coupled computation otherwise."""
 
-    def __init__(self, runtime: StreamRuntime, branches: dict[str, nn.Module], input_names: tuple[str, ...],
-                 name: str):
+    def __init__(self, runtime: StreamRuntime, branches: dict[str, nn.Module], name: str):
         super().__init__()
         self.runtime, self.name = runtime, name
         self.branches = nn.ModuleDict(branches)
-        self.coupled = coupling_module(runtime.scheme, branches, input_names)
 
     def forward(self, hidden: torch.Tensor, *inputs: Any) -> torch.Tensor:
         values = list(inputs)
@@ -146,7 +143,7 @@ class GraphLayer(nn.Module):
             # NOTE: the parameters are graph inputs here, so they travel as context tensors: the Function returns
             # their gradients as it does for any context input that requires grad
             return self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True)
-        return self.runtime.run_coupled(dict(self.branches), self.coupled, hidden, values)
+        return self.runtime.run_coupled(dict(self.branches), hidden, values)
 
     def extra_repr(self) -> str:
         rt = self.runtime
@@ -396,9 +393,8 @@ class _Converter:
                                         chunks=chunks_by_branch(self.scheme, structure.splits_by_token, self.chunks),
                                         exact=self.exact, exact_headroom=self.exact_headroom)
                 branches = scheme_branches(self.scheme, SEQUENTIAL, roles, {})
-                names = tuple(f"input_{k}" for k in range(len(layer.inputs)))
                 target = f"revcompile_layer_{len(calls)}"
-                self.gm.add_submodule(target, GraphLayer(runtime, branches, names, layer.name))
+                self.gm.add_submodule(target, GraphLayer(runtime, branches, layer.name))
                 with graph.inserting_before(layer.nodes[0]):
                     call = graph.call_module(target, tuple(replaced.get(n, n) for n in (layer.hidden, *layer.inputs)))
                 layer.output.replace_all_uses_with(call)

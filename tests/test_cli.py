@@ -48,7 +48,7 @@ def test_diff_shows_every_traced_structure(capsys, tmp_path):
     assert "2 distinct layer structures traced" in out
     for number, layer in ((1, "model.layers.0"), (2, "model.layers.1")):
         assert f"converted layer structure {number} of 2: {layer}" in out
-        assert f"== {layer} before (traced layer graph) ==" in out and f"== {layer} after:" in out
+        assert f"== {layer} before (traced layer graph) ==" in out and f"== {layer} (sequential) after:" in out
         assert (tmp_path / f"{layer}.inverse.dot").exists()
 
 

@@ -9,7 +9,6 @@ import torch
 
 import revcompile
 from conftest import loss_and_grads, make_model, rel_err, token_batch
-from plain_models import PlainLM
 from revcompile.errors import RevcompileError
 from revcompile.runtime.streams import BITS_OF, FixedPoint
 

@@ -8,7 +8,7 @@ so the model's own loop (`for decoder_layer in self.layers`) runs unmodified.
 
 Which path a call takes:
 - training, grad enabled, inversion on: the reversible Function (activations rebuilt in backward);
-- otherwise (eval, torch.no_grad(), `disable_inversion()`, `invert=False`): the generated coupled GraphModule
+- otherwise (eval, torch.no_grad(), `disable_inversion()`, `invert=False`): the same steps and branch slices
   under ordinary autograd, the reference every gradient test compares against.
 """
 
@@ -158,18 +158,30 @@ class StreamRuntime:
                                   "training or all not")
         return self._float
 
-    def run_coupled(self, branches: dict[str, nn.Module], coupled: Callable, hidden: torch.Tensor, values: list,
+    def run_coupled(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list,
                     collecting_router_logits: bool = False) -> torch.Tensor:
-        """The coupled computation under ordinary autograd: the generated coupling (which applies the output
-        order), or with exact streams the same steps on integer streams with straight-through gradients."""
+        """The coupled computation under ordinary autograd: the scheme's steps, each branch run in the slices the
+        reversible Function runs it in (the same random numbers and kernels), on float streams, or on integer streams
+        with straight-through gradients."""
         tag = None if self.is_first else _tag_of(hidden, EXACT_REFERENCE)
         arithmetic = self.streams(hidden, tag[0] if tag else None)
         if arithmetic.exact:
             return self._run_exact_coupled(arithmetic, tag[1] if tag else None, branches, hidden, values,
                                            collecting_router_logits)
         streams = arithmetic.open(hidden) if self.is_first else arithmetic.unpack(hidden)
-        streams = dict(zip(self.scheme.streams, coupled(*(streams[s] for s in self.scheme.streams), *values)))
+        for step in self.scheme.steps:
+            out = self._run_branch(branches, step, [streams[s] for s in step.reads], values, collecting_router_logits)
+            streams[step.target] = step.apply(streams, out)
+        streams = self.scheme.permute(streams)
         return arithmetic.merge(streams) if self.is_last else arithmetic.pack(streams)
+
+    def _run_branch(self, branches: dict[str, nn.Module], step, reads: list[torch.Tensor], values: list,
+                    collecting_router_logits: bool) -> torch.Tensor:
+        branch = branches[step.branch]
+        slices = branch_slices(step, reads[0], self.chunks, collecting_router_logits)
+        if slices is None:
+            return branch(*reads, *values)
+        return torch.cat([branch(*(sliced(r, positions) for r in reads), *values) for positions in slices], dim=-2)
 
     def _run_exact_coupled(self, arithmetic: ExactStreams, state: dict | None, branches: dict[str, nn.Module],
                            hidden: torch.Tensor, values: list, collecting_router_logits: bool) -> torch.Tensor:
@@ -186,11 +198,7 @@ class StreamRuntime:
         else:
             carriers, state = dict(zip(scheme.streams, hidden.unbind(0))), dict(state)
         for step in scheme.steps:
-            reads = [carriers[s] for s in step.reads]
-            slices = branch_slices(step, reads[0], self.chunks, collecting_router_logits)
-            branch = branches[step.branch]
-            out = branch(*reads, *values) if slices is None else \
-                torch.cat([branch(*(sliced(r, positions) for r in reads), *values) for positions in slices], dim=-2)
+            out = self._run_branch(branches, step, [carriers[s] for s in step.reads], values, collecting_router_logits)
             state[step.target] = arithmetic.apply(step, state, out)
             carriers[step.target] = _straight_through(arithmetic.view(state, step.target),
                                                       lambda: step.apply(carriers, out))
@@ -294,7 +302,7 @@ class LayerRuntime(StreamRuntime):
 
     def _run(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, context, signature = self.bind(layer, args, kwargs)
-        branches, coupled, _ = self.coupling(layer, args, kwargs, signature)
+        branches, _, _ = self.coupling(layer, args, kwargs, signature)
         values = [context[name] for name in dynamic_names(signature)]
         params = [p for p in layer.parameters() if p.requires_grad]
         collector = active_collector()
@@ -305,7 +313,7 @@ class LayerRuntime(StreamRuntime):
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
-            return self.run_coupled(branches, coupled, hidden, values,
+            return self.run_coupled(branches, hidden, values,
                                     collector is not None and ROUTER_LOGITS in collector)
 
         refuse_sharded_inside(layer)
