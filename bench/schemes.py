@@ -126,7 +126,7 @@ def write(results: list[dict], plain: dict, args) -> None:
             f"of {args.repeats} child processes). fp32 / bf16 (weights) / autocast (fp32 weights, bf16 "
             "autocast): worst relative error over the 8 layers of the input backward rebuilt (\"exact\": bit for "
             "bit) and of the layer's gradients against the same model without inversion (revcompile.check), with "
-            "exact streams (the default where the scheme allows them) and, in brackets, float streams "
+            "exact streams (where the scheme allows them) and, in brackets, float streams "
             "(exact=False).\n\n" + table + "\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "schemes.md"), "w") as f:
