@@ -85,10 +85,12 @@ class FixedPoint:
     def limit(self) -> float:
         return float(2 ** (torch.iinfo(self.int_dtype).bits - 1))
 
-    def quantize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """round(scale * x * 2**shift) as integers; flags a value outside the range."""
+    def quantize(self, x: torch.Tensor, scale: float = 1.0, check: bool = True) -> torch.Tensor:
+        """round(scale * x * 2**shift) as integers; flags a value outside the range (unless `check` is False: undo
+        subtracts values that forward already checked)."""
         y = torch.round(x.detach().to(self.arithmetic) * (scale * 2.0 ** self.shift))
-        self.flag(_magnitude(y))
+        if check:
+            self.flag(_magnitude(y))
         return y.to(self.int_dtype)
 
     def dequantize(self, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -246,7 +248,7 @@ class ExactStreams(FloatStreams):
         return new + delta
 
     def undo(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        old = state[step.target] - self.fmt.quantize(out, step.branch_scale)
+        old = state[step.target] - self.fmt.quantize(out, step.branch_scale, check=False)
         for source, coeff in step.mix:
             old = old - int(coeff) * self._integer(state, source)
         return old if step.scale == 1 else -old
