@@ -84,8 +84,9 @@ class CheckReport:
         return (f"revcompile check ({str(self.dtype).replace('torch.', '')}): loss {self.loss:.6g} with inversion, "
                 f"{self.reference_loss:.6g} without\n"
                 + tabulate(rows, headers=headers, floatfmt=".3g")
-                + f"\n{rebuilt}; worst gradient error {self.worst_grad_error:.3g}: {verdict} the tolerance "
-                f"{tolerance:g} for {str(self.dtype).replace('torch.', '')}")
+                + f"\n{rebuilt}; " + ("gradients bit-identical to the reference" if self.worst_grad_error == 0 else
+                                      f"worst gradient error {self.worst_grad_error:.3g}: {verdict} the tolerance "
+                                      f"{tolerance:g} for {str(self.dtype).replace('torch.', '')}"))
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -279,7 +279,9 @@ class ReversibleCoupling(torch.autograd.Function):
             else:  # a token-wise branch, recomputed in the forward's slices: its working set shrinks
                 out, chunk_sum = torch.empty_like(g_out), _GradSum(len(wrt))
                 g_reads = [torch.zeros_like(read) for read in reads]
-                for positions, replay in parts:
+                # NOTE: last slice first, the order in which autograd runs the slices' backward in the reference:
+                # a parameter's gradient is the sum of the slices' terms, and fp32 sums of 3+ terms depend on it
+                for positions, replay in reversed(parts):
                     o, g, w = _branch_vjp(call, step, replay, [sliced(read, positions) for read in reads], context,
                                           wrt, sliced(g_out, positions))
                     out[..., positions, :] = o

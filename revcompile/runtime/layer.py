@@ -35,6 +35,7 @@ from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, branch_slices
 from .hf_outputs import ROUTER_LOGITS, active_collector
+from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
 from .replay import AutocastState, sliced
 from .streams import ExactStreams, FixedPoint, FloatStreams, exact_by_default
 
@@ -162,26 +163,29 @@ class StreamRuntime:
                     collecting_router_logits: bool = False) -> torch.Tensor:
         """The coupled computation under ordinary autograd: the scheme's steps, each branch run in the slices the
         reversible Function runs it in (the same random numbers and kernels), on float streams, or on integer streams
-        with straight-through gradients."""
+        with straight-through gradients; gradients summed as the reversible backward sums them (reference.py)."""
         tag = None if self.is_first else _tag_of(hidden, EXACT_REFERENCE)
         arithmetic = self.streams(hidden, tag[0] if tag else None)
         if arithmetic.exact:
             return self._run_exact_coupled(arithmetic, tag[1] if tag else None, branches, hidden, values,
                                            collecting_router_logits)
-        streams = arithmetic.open(hidden) if self.is_first else arithmetic.unpack(hidden)
+        streams = open_streams(self.scheme, hidden) if self.is_first else arithmetic.unpack(hidden)
         for step in self.scheme.steps:
             out = self._run_branch(branches, step, [streams[s] for s in step.reads], values, collecting_router_logits)
-            streams[step.target] = step.apply(streams, out)
+            streams = linear_step(step, streams, out)
         streams = self.scheme.permute(streams)
         return arithmetic.merge(streams) if self.is_last else arithmetic.pack(streams)
 
     def _run_branch(self, branches: dict[str, nn.Module], step, reads: list[torch.Tensor], values: list,
                     collecting_router_logits: bool) -> torch.Tensor:
         branch = branches[step.branch]
+        reads = [branch_input(read) for read in reads]
         slices = branch_slices(step, reads[0], self.chunks, collecting_router_logits)
-        if slices is None:
-            return branch(*reads, *values)
-        return torch.cat([branch(*(sliced(r, positions) for r in reads), *values) for positions in slices], dim=-2)
+        with branch_autocast(reads[0].device):
+            if slices is None:
+                return branch(*reads, *values)
+            return torch.cat([branch(*(sliced(r, positions) for r in reads), *values) for positions in slices],
+                             dim=-2)
 
     def _run_exact_coupled(self, arithmetic: ExactStreams, state: dict | None, branches: dict[str, nn.Module],
                            hidden: torch.Tensor, values: list, collecting_router_logits: bool) -> torch.Tensor:
@@ -193,19 +197,19 @@ class StreamRuntime:
         scheme = self.scheme
         if self.is_first:
             state = arithmetic.open(hidden)
-            carriers = {s: _straight_through(arithmetic.view(state, s), lambda: c * hidden)
-                        for s, c in scheme.open.items()}
+            opened = open_streams(scheme, hidden)
+            carriers = {s: straight_through(arithmetic.view(state, s), opened[s]) for s in scheme.streams}
         else:
             carriers, state = dict(zip(scheme.streams, hidden.unbind(0))), dict(state)
         for step in scheme.steps:
             out = self._run_branch(branches, step, [carriers[s] for s in step.reads], values, collecting_router_logits)
             state[step.target] = arithmetic.apply(step, state, out)
-            carriers[step.target] = _straight_through(arithmetic.view(state, step.target),
-                                                      lambda: step.apply(carriers, out))
+            carriers = linear_step(step, carriers, out)
+            carriers[step.target] = straight_through(arithmetic.view(state, step.target), carriers[step.target])
         state, carriers = scheme.permute(state), scheme.permute(carriers)
         if self.is_last:
             arithmetic.fmt.raise_if_overflowed()
-            return _straight_through(arithmetic.merge(state), lambda: scheme.merge_streams(carriers))
+            return straight_through(arithmetic.merge(state), scheme.merge_streams(carriers))
         packed = torch.stack([carriers[s] for s in scheme.streams])
         setattr(packed, EXACT_REFERENCE, (arithmetic, state))
         return packed
@@ -333,18 +337,6 @@ class LayerRuntime(StreamRuntime):
             def observe(arithmetic, rebuilt):
                 observer(layer, arithmetic.input_error(true_input, rebuilt))
         return self.run_reversible(branches, hidden, values, params, layer.training, collector, observe)
-
-def _straight_through(value: torch.Tensor, expression: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`value`'s bits, with the gradient of `expression()` alone (computed only when autograd records)."""
-    value = value.detach()
-    if not torch.is_grad_enabled():
-        return value
-    expression = expression()
-    if not expression.requires_grad:
-        return value
-    # NOTE: e - e.detach() is exactly zero for finite e, so the result's value is `value` to the bit
-    return value + (expression - expression.detach()).to(value.dtype)
-
 
 class ReversibleLayer:
     """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime.
