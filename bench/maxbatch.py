@@ -3,7 +3,7 @@ vocabulary: HF activation checkpointing with its default loss and with revcompil
 on a tiny Mixtral (hidden 256, vocab 32,000, seq 512; each measurement a child process, see revcompile/measure.py).
 
     python bench/maxbatch.py --depth 16         # CPU, cap 512 MB -> bench/results/maxbatch_d16.{md,json,png}
-    python bench/maxbatch.py --depth 16 --search
+    python bench/maxbatch.py --depth 16 --search --cap-mb 256   # -> maxbatch_d16_search.*
 
 The sequence length stays fixed (512). Each step's peak is split by phase (revcompile.measure.PhasePeaks): what the
 layers keep when the head starts, the head's working set, the layers' backward. Two ways to find the batch:
@@ -209,7 +209,7 @@ def main() -> None:
                       for optimizer in ("adamw", "adamw-in-backward")] if args.optimizer_batch else []
     text = report(results, optimizer_runs, args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"maxbatch_d{args.depth}")
+    stem = os.path.join(args.out, f"maxbatch_d{args.depth}" + ("_search" if args.search else ""))
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".json", "w") as f:

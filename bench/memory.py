@@ -4,8 +4,11 @@ revcompile/measure.py for what is measured and how).
 
     python bench/memory.py                      # CPU, depths 4 8 16 32 64 -> bench/results/memory_cpu.{md,json,png}
     python bench/memory.py --device cuda        # on a GPU machine
+    python bench/memory.py --dtype bfloat16 --methods plain checkpointing revcompile revcompile-float
+                                                # bf16 weights: exact (integer) streams against float ones
 
-Config (issue 2): tiny Mixtral, hidden 128, 4 experts top-2, batch 4 x 512 tokens, sdpa attention, fp32.
+Config (issue 2): tiny Mixtral, hidden 128, 4 experts top-2, batch 4 x 512 tokens, sdpa attention, fp32 (or
+`--dtype`; in bf16 revcompile's default is exact streams, `revcompile-float` the float ones).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tabulate import tabulate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from revcompile.measure import MEMORY_CONFIG, METHOD_LABELS, METHODS, measure_step  # noqa: E402
+from revcompile.measure import MEMORY_CONFIG, METHOD_LABELS, METHODS, SPEED_METHODS, measure_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -33,8 +36,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=SPEED_METHODS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     parser.add_argument("--repeats", type=int, default=3, help="children per point; the median peak is reported")
@@ -49,7 +53,8 @@ def main() -> None:
             for method in args.methods:
                 # NOTE: RSS moves by about +-1 MB from run to run (allocator, interpreter); the median of a few
                 # children keeps that noise out of the ratios
-                runs = [measure_step(method, depth, device=args.device, **MEMORY_CONFIG) for _ in range(args.repeats)]
+                runs = [measure_step(method, depth, device=args.device, dtype=args.dtype,
+                                     **MEMORY_CONFIG) for _ in range(args.repeats)]
                 median = statistics.median(r["peak_mb"] for r in runs)
                 results.append(dict(runs[0], peak_mb=median, peak_mb_runs=[r["peak_mb"] for r in runs]))
     peak = {(r["method"], r["depth"]): r["peak_mb"] for r in results}
@@ -65,12 +70,14 @@ def main() -> None:
                 notes.append(f"revcompile / HF checkpointing at depth {d}: "
                              f"{peak['revcompile', d] / peak['checkpointing', d]:.2f}")
     cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items())
-    text = (f"# Peak memory of one training step ({args.device})\n\n`python bench/memory.py --device {args.device}`;"
-            f" {cfg}, fp32. Peak above the pre-step level (weights and gradients excluded), median of "
+    command = f"python bench/memory.py --device {args.device} --dtype {args.dtype} --methods {' '.join(args.methods)}"
+    text = (f"# Peak memory of one training step ({args.device}, {args.dtype})\n\n`{command}`;"
+            f" {cfg}, {args.dtype}. Peak above the pre-step level (weights and gradients excluded), median of "
             f"{args.repeats} child processes per point.\n\n{table}\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"memory_{args.device.split(':')[0]}")
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    stem = os.path.join(args.out, f"memory_{args.device.split(':')[0]}{suffix}")
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".json", "w") as f:
@@ -79,7 +86,7 @@ def main() -> None:
     for method in args.methods:
         ax.plot(args.depths, [peak[method, d] for d in args.depths], marker="o", label=METHOD_LABELS[method])
     ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="step peak memory above weights+grads (MB)",
-           title=f"Training-step memory vs depth (tiny Mixtral, {args.device})")
+           title=f"Training-step memory vs depth (tiny Mixtral, {args.device}, {args.dtype})")
     ax.set_xticks(args.depths, [str(d) for d in args.depths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3)
