@@ -94,6 +94,7 @@ def main() -> None:
                         help="seeds of the batch order and initial state; the first method runs under each")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # "method:seed", in a child process
     args = parser.parse_args()
 
@@ -106,25 +107,45 @@ def main() -> None:
         print(json.dumps(finetune(load_pretrained(), method, train, held_out, args.lr, getattr(torch, args.dtype),
                                   int(seed), args.eval_every)))
         return
-    load_pretrained()  # pretrain once, here, if the cache is empty
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    runs = []
-    jobs = [(args.methods[0], seed) for seed in args.seeds] + [(m, args.seeds[0]) for m in args.methods[1:]]
-    for method, seed in jobs:
-        child = subprocess.run([sys.executable, __file__, "--only", f"{method}:{seed}", *sys.argv[1:]], env=env,
-                               check=True, stdout=subprocess.PIPE, text=True)
-        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    if args.from_json:
+        with open(args.from_json) as f:
+            runs = json.load(f)
+    else:
+        load_pretrained()  # pretrain once, here, if the cache is empty
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        runs = []
+        jobs = [(args.methods[0], seed) for seed in args.seeds] + [(m, args.seeds[0]) for m in args.methods[1:]]
+        for method, seed in jobs:
+            child = subprocess.run([sys.executable, __file__, "--only", f"{method}:{seed}", *sys.argv[1:]], env=env,
+                                   check=True, stdout=subprocess.PIPE, text=True)
+            runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    write_report(runs, args)
 
-    first = runs[0]["held_out_after"]
+
+def write_report(runs: list[dict], args: argparse.Namespace) -> None:
+    """The table (and how far each run's training losses are from the first run's), the JSON and the plot."""
+    first = runs[0]
     rows = [[METHOD_LABELS[r["method"]], r["seed"], r["held_out_before"], r["held_out_after"],
-             r["held_out_after"] / first, r["peak_mb"], r["seconds"]] for r in runs]
-    table = tabulate(rows, headers=["method", "seed", "held-out loss before", "after", f"after / {args.methods[0]}",
+             r["held_out_after"] / first["held_out_after"], r["peak_mb"], r["seconds"]] for r in runs]
+    table = tabulate(rows, headers=["method", "seed", "held-out loss before", "after", f"after / {first['method']}",
                                     "peak MB", "time s"], tablefmt="github", floatfmt=".4g")
+    notes = []
+    for r in runs[1:]:
+        if r["seed"] != first["seed"]:  # other batches: only the held-out loss compares
+            continue
+        if r["losses"] == first["losses"] and r["curve"] == first["curve"]:
+            verdict = "identical to the first run's, bit for bit"
+        else:
+            gap = max(abs(a - b) for a, b in zip(r["losses"], first["losses"]))
+            verdict = f"not the first run's (training losses up to {gap:.3g} apart)"
+        notes.append(f"- {METHOD_LABELS[r['method']]}, same seed: the training losses of all {len(r['losses'])} steps "
+                     f"and the held-out evaluations {verdict}")
     name = "finetune" if args.dtype == "float32" else f"finetune_{args.dtype}"
+    command = " ".join(a for a in sys.argv[1:] if not a.startswith("--from-json") and a != args.from_json)
     text_out = (f"# Full fine-tuning of a pretrained tiny MoE on pydoc_data prose ({args.dtype})\n\n"
-                f"`python examples/finetune_moe.py {' '.join(sys.argv[1:])}`; batch {args.batch} x {args.seq} "
+                f"`python examples/finetune_moe.py {command}`; batch {args.batch} x {args.seq} "
                 f"bytes, AdamW lr {args.lr}, same batches for every method of one seed; held-out loss in nats per "
-                f"byte.\n\n{table}\n")
+                f"byte.\n\n{table}\n\n" + "\n".join(notes) + "\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text_out)
