@@ -427,7 +427,7 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     """The Dynamo backend: convert the graph's residual pairs into reversible couplings, compile the rest.
 
     options (torch.compile's `options=`): "scheme" (a name or Scheme, default "symplectic"), "recompute_chunks"
-    (default None: by device), "exact" and "exact_headroom" (default None), as for make_reversible.
+    (default None: one piece), "exact" and "exact_headroom" (default None), as for make_reversible.
     """
     options = dict(options or {})
     scheme = get_scheme(options.pop("scheme", "symplectic"))

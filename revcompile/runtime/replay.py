@@ -172,18 +172,19 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
         return branch(*args)
 
 
-# NOTE: the default number of slices by device. On CUDA each slice of a MoE branch costs a host synchronisation in
-# the experts kernels (token counts per expert): 4 slices made an H200 step 2.2x slower than 1 (bench/speed.py),
-# for a saving that does not grow with depth. On CPU the same 4 slices cost ~1.1x and took the memory bench from
-# 33 to 22.5 MB.
-AUTO_CHUNKS = {"cpu": 4}
+# NOTE: the default is one piece on every device, by measurement (bench/speed.py, tiny Mixtral, 2048 tokens). On
+# CUDA each slice of a MoE branch costs a host synchronisation in the experts kernels: 4 slices made an H200 step 2.2x
+# slower. On CPU 4 slices cost 6 % of the step (2 slices 4 %; one thread, against one piece): each slice computes
+# the full expert-weight gradients from a quarter of the tokens, and they are summed; that is the margin between
+# revcompile and HF checkpointing. What slicing buys is memory: the MoE recompute's working set divided by the
+# number of slices (bench/memory.py's depth-4 step: 33 MB in one piece, 25 in 2 slices, 22.5 in 4).
+DEFAULT_CHUNKS = 1
 
 
 def token_slices(read: torch.Tensor, chunks: int | None) -> list[slice] | None:
     """The slices of the sequence (dim -2) a token-wise branch runs in, forward and recompute alike, or None for
-    one piece (chunks None: AUTO_CHUNKS for the device)."""
-    if chunks is None:
-        chunks = AUTO_CHUNKS.get(read.device.type, 1)
+    one piece (chunks None: DEFAULT_CHUNKS)."""
+    chunks = DEFAULT_CHUNKS if chunks is None else chunks
     if chunks <= 1 or read.dim() < 3 or read.shape[-2] < 2:
         return None
     pieces = torch.arange(read.shape[-2]).tensor_split(min(chunks, read.shape[-2]))
