@@ -52,7 +52,7 @@ class LayerTrace:
         return dynamic_names(self.signature)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binding(forward: Callable, n_args: int, keys: tuple[str, ...]) -> tuple[str, int | str, tuple]:
     """How calls of `forward(layer, *args, **kwargs)` with `n_args` positional arguments and keyword arguments `keys`
     bind: (hidden-state name, where it is, ((context name, where it is), ...)); where: a position in args or a key.
