@@ -93,15 +93,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits, tanh = _logits(h, weight, bias, softcap, acc)
+            # NOTE: ignored tokens are masked, not indexed out: indexing by `counted.nonzero()` would wait for the
+            # device once per chunk
             counted = t != ignore_index
+            target = torch.where(counted, t, 0)[:, None]
             log_norm = torch.logsumexp(logits, -1, keepdim=True)
-            rows = counted.nonzero().squeeze(1)
-            total += (log_norm.squeeze(1)[rows] - logits[rows, t[rows]]).sum()
+            total += torch.where(counted, (log_norm - logits.gather(1, target)).squeeze(1), 0).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
             # softmax - onehot, in place on the logits (their only copy in fp32 weights without softcap)
             grad = logits.sub_(log_norm).exp_()
-            grad[rows, t[rows]] -= 1
+            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=acc))
             grad *= counted.to(acc)[:, None]
             grad = grad.to(weight.dtype if tanh is None else tanh.dtype)
             if tanh is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
