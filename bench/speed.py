@@ -8,6 +8,7 @@ checkpointing in the same mode (compiled compared with compiled); and the FLOPs 
     python bench/speed.py --device cuda --dtype bfloat16 --large   # hidden 2048, 64 experts top-8, 16 layers
     python bench/speed.py --small --out /tmp/s    # a dry run of the script, tiny config
     python bench/speed.py --profile               # also: where the time of a step goes, per method
+    python bench/speed.py --cpu-seconds           # CPU seconds of one thread per step: steady on a loaded machine
 
 Config (compute dominates): tiny Mixtral, hidden 256, 4 layers, 8 heads, 4 experts top-2 (intermediate 512),
 Hugging Face's "grouped_mm" experts (the "eager" ones break Dynamo's graph), sdpa attention, fp32, batch 4 x 512
@@ -87,7 +88,8 @@ def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
 class Trainer:
     """One method's model and a training step of it (forward, backward, gradients kept allocated)."""
 
-    def __init__(self, method: str, config: dict, device: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, method: str, config: dict, device: str, dtype: torch.dtype = torch.float32,
+                 clock=time.perf_counter):
         model_config = {k: v for k, v in config.items() if k not in ("batch", "seq")}
         torch.manual_seed(0)
         cfg = tiny_config("mixtral", attn_implementation="sdpa", experts_implementation="grouped_mm", **model_config)
@@ -98,16 +100,17 @@ class Trainer:
         self.ids = torch.randint(3, cfg.vocab_size, (config["batch"], config["seq"]),
                                  generator=torch.Generator().manual_seed(1)).to(device)
         self.cuda = device.startswith("cuda")
+        self.clock = clock
 
     def step(self) -> float:
-        """One training step; its wall time in seconds."""
+        """One training step; its time in seconds by `clock` (wall time, or the process's CPU time)."""
         if self.cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self.clock()
         self.forward(self.ids, labels=self.ids).loss.backward()
         if self.cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         self.model.zero_grad(set_to_none=False)
         return elapsed
 
@@ -156,9 +159,12 @@ def profile_table(trainers: dict[str, Trainer], methods: list[str], steps: int =
 def measure(args: argparse.Namespace) -> dict:
     config = SMALL if args.small else LARGE_CUDA_CONFIG if args.large else \
         CUDA_CONFIG if args.device.startswith("cuda") else CONFIG
+    if args.cpu_seconds:
+        torch.set_num_threads(1)
+    clock = time.process_time if args.cpu_seconds else time.perf_counter
     trainers = {}
     for method in args.methods:
-        trainers[method] = Trainer(method, config, args.device, getattr(torch, args.dtype))
+        trainers[method] = Trainer(method, config, args.device, getattr(torch, args.dtype), clock)
         start = time.perf_counter()
         for _ in range(args.warmup):
             trainers[method].step()
@@ -172,7 +178,8 @@ def measure(args: argparse.Namespace) -> dict:
     layer_flops = trainers["plain"].layer_forward_flops() if "plain" in trainers else None
     result = {"config": config, "device": args.device, "dtype": args.dtype, "rounds": args.rounds, "times": times,
               "flops": flops,
-              "layer_forward_flops": layer_flops, "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "layer_forward_flops": layer_flops, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "clock": "CPU seconds" if args.cpu_seconds else "wall time"}
     if args.profile:
         result["profile"] = profile_table(trainers, [m for m in PROFILED if m in trainers])
     return result
@@ -222,11 +229,11 @@ def report(result: dict, stem: str, command: str) -> str:
     cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
     text = (f"# Training-step time ({result['device']})\n\n`{command}`; tiny Mixtral, {cfg}, grouped_mm experts, sdpa, "
             f"{result.get('dtype', 'float32')}, torch {result['torch']}, {result['threads']} threads. "
-            f"Median of {result['rounds']} steps per "
-            "method after warm-up, the methods taking turns; FLOPs of one step by FlopCounterMode (eager methods; "
-            "compiled ones run the same arithmetic); the last column is the FLOPs a method adds to plain training, "
-            "in units of one forward of the decoder layers (1.0: one extra forward). Compiled methods are compared "
-            "with HF checkpointing under torch.compile, eager ones with HF checkpointing eager.\n\n"
+            f"Median of {result['rounds']} steps per method ({result.get('clock', 'wall time')}) after warm-up, "
+            "the methods taking turns; FLOPs of one step by FlopCounterMode (eager methods; compiled ones run the "
+            "same arithmetic); the last column is the FLOPs a method adds to plain training, in units of one forward "
+            "of the decoder layers (1.0: one extra forward). Compiled methods are compared with HF checkpointing "
+            "under torch.compile, eager ones with HF checkpointing eager.\n\n"
             f"{table}\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
     if "profile" in result:
         text += ("\n## Where the time goes\n\ntorch.profiler over two steps of each method: self time per op, per "
@@ -263,6 +270,9 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="the larger GPU config (LARGE_CUDA_CONFIG); methods "
                         "default to LARGE_METHODS, results to speed_<device>_large.*")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per method")
+    parser.add_argument("--cpu-seconds", action="store_true", help="CPU: one thread, each step timed in the "
+                        "process's CPU seconds (other processes on the machine barely move it), results to "
+                        "speed_cpu_seconds.*")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
@@ -276,10 +286,12 @@ def main() -> None:
     else:
         result = measure(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"speed_{result['device'].split(':')[0]}{'_large' if args.large else ''}")
+    suffix = "_large" if args.large else "_seconds" if args.cpu_seconds else ""
+    stem = os.path.join(args.out, f"speed_{result['device'].split(':')[0]}{suffix}")
     command = "python bench/speed.py" + (f" --device {args.device}" if args.device != "cpu" else "") + \
         (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + (" --large" if args.large else "") + \
-        (" --small" if args.small else "") + (" --profile" if args.profile else "")
+        (" --cpu-seconds" if args.cpu_seconds else "") + (" --small" if args.small else "") + \
+        (" --profile" if args.profile else "")
     text = report(result, stem, command)
     with open(stem + ".md", "w") as f:
         f.write(text)
