@@ -1,11 +1,14 @@
-"""Training-step time of plain eager, plain torch.compile, HF activation checkpointing, torch selective
-checkpointing, revcompile eager and revcompile compiled, side by side in one run, as ratios to plain eager; and
-the FLOPs of a step (torch.utils.flop_counter.FlopCounterMode).
+"""Training-step time of plain training, HF activation checkpointing and revcompile, each eager and under
+torch.compile, and of torch selective checkpointing, side by side in one run, as ratios to plain eager and to HF
+checkpointing in the same mode (compiled compared with compiled); and the FLOPs of a step
+(torch.utils.flop_counter.FlopCounterMode).
 
     python bench/speed.py                         # CPU -> bench/results/speed_cpu.{md,json,png}
     python bench/speed.py --device cuda --dtype bfloat16   # on a GPU (a larger config) -> speed_cuda.*
+    python bench/speed.py --device cuda --dtype bfloat16 --large   # hidden 2048, 64 experts top-8, 16 layers
     python bench/speed.py --small --out /tmp/s    # a dry run of the script, tiny config
     python bench/speed.py --profile               # also: where the time of a step goes, per method
+    python bench/speed.py --cpu-seconds           # CPU seconds of one thread per step: steady on a loaded machine
 
 Config (compute dominates): tiny Mixtral, hidden 256, 4 layers, 8 heads, 4 experts top-2 (intermediate 512),
 Hugging Face's "grouped_mm" experts (the "eager" ones break Dynamo's graph), sdpa attention, fp32, batch 4 x 512
@@ -46,9 +49,17 @@ CONFIG = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, 
 CUDA_CONFIG = dict(CONFIG, hidden_size=1024, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=16, num_local_experts=8, vocab_size=32000, max_position_embeddings=2048,
                    batch=8, seq=1024)
+# a MoE of a real model's width (hidden 2048, 64 experts top-8, 16 layers; expert width 512 so that every method's
+# model and gradients fit one 141 GB GPU together); --large, for a GPU
+LARGE_CUDA_CONFIG = dict(CUDA_CONFIG, hidden_size=2048, intermediate_size=512, num_hidden_layers=16,
+                         num_local_experts=64, num_experts_per_tok=8, batch=4)
+LARGE_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled", "revcompile", "revcompile-backend")
 SMALL = dict(CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, batch=2, seq=32)
 EAGER = ("plain", "checkpointing", "selective", "revcompile", "revcompile-unchunked")  # FlopCounterMode sees these
+COMPILED = ("compiled", "checkpointing-compiled", "revcompile-compiled", "revcompile-backend")
+PROFILED = ("plain", "checkpointing", "revcompile", "revcompile-unchunked", "compiled", "checkpointing-compiled",
+            "revcompile-backend")
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
@@ -69,10 +80,16 @@ class _Global:
         return None
 
 
+def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """FLOPs of `addmm(self, a, b)` from the shapes (FlopCounterMode's custom_mapping form)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 class Trainer:
     """One method's model and a training step of it (forward, backward, gradients kept allocated)."""
 
-    def __init__(self, method: str, config: dict, device: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, method: str, config: dict, device: str, dtype: torch.dtype = torch.float32,
+                 clock=time.perf_counter):
         model_config = {k: v for k, v in config.items() if k not in ("batch", "seq")}
         torch.manual_seed(0)
         cfg = tiny_config("mixtral", attn_implementation="sdpa", experts_implementation="grouped_mm", **model_config)
@@ -83,22 +100,24 @@ class Trainer:
         self.ids = torch.randint(3, cfg.vocab_size, (config["batch"], config["seq"]),
                                  generator=torch.Generator().manual_seed(1)).to(device)
         self.cuda = device.startswith("cuda")
+        self.clock = clock
 
     def step(self) -> float:
-        """One training step; its wall time in seconds."""
+        """One training step; its time in seconds by `clock` (wall time, or the process's CPU time)."""
         if self.cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self.clock()
         self.forward(self.ids, labels=self.ids).loss.backward()
         if self.cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         self.model.zero_grad(set_to_none=False)
         return elapsed
 
     def flops(self) -> int:
-        """FLOPs of one training step."""
-        counter = FlopCounterMode(display=False)
+        """FLOPs of one training step (torch's counter knows `addmm`, not the in-place `addmm_` that the chunked
+        head accumulates its weight gradient with: counted here alike)."""
+        counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         counter.mod_tracker = _Global()
         with counter:
             self.forward(self.ids, labels=self.ids).loss.backward()
@@ -138,10 +157,14 @@ def profile_table(trainers: dict[str, Trainer], methods: list[str], steps: int =
 
 
 def measure(args: argparse.Namespace) -> dict:
-    config = SMALL if args.small else CUDA_CONFIG if args.device.startswith("cuda") else CONFIG
+    config = SMALL if args.small else LARGE_CUDA_CONFIG if args.large else \
+        CUDA_CONFIG if args.device.startswith("cuda") else CONFIG
+    if args.cpu_seconds:
+        torch.set_num_threads(1)
+    clock = time.process_time if args.cpu_seconds else time.perf_counter
     trainers = {}
     for method in args.methods:
-        trainers[method] = Trainer(method, config, args.device, getattr(torch, args.dtype))
+        trainers[method] = Trainer(method, config, args.device, getattr(torch, args.dtype), clock)
         start = time.perf_counter()
         for _ in range(args.warmup):
             trainers[method].step()
@@ -155,12 +178,24 @@ def measure(args: argparse.Namespace) -> dict:
     layer_flops = trainers["plain"].layer_forward_flops() if "plain" in trainers else None
     result = {"config": config, "device": args.device, "dtype": args.dtype, "rounds": args.rounds, "times": times,
               "flops": flops,
-              "layer_forward_flops": layer_flops, "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "layer_forward_flops": layer_flops, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "clock": "CPU seconds" if args.cpu_seconds else "wall time"}
     if args.profile:
-        result["profile"] = profile_table(trainers, [m for m in ("plain", "checkpointing", "revcompile",
-                                                                 "revcompile-unchunked", "compiled",
-                                                                 "revcompile-compiled") if m in trainers])
+        result["profile"] = profile_table(trainers, [m for m in PROFILED if m in trainers])
     return result
+
+
+def baseline_of(method: str) -> str:
+    """The HF checkpointing a method is compared with: compiled methods with compiled checkpointing."""
+    return "checkpointing-compiled" if method in COMPILED else "checkpointing"
+
+
+def goals_of(device: str) -> list[tuple[str, str, float]]:
+    """(method, what it is divided by, limit) of issue 15's goals on a device."""
+    eager_vs_checkpointing = 0.9 if device.startswith("cuda") else 1.0
+    return [("revcompile", "plain", 1.35), ("revcompile", "checkpointing", eager_vs_checkpointing),
+            ("revcompile-compiled", "compiled", 1.4), ("revcompile-compiled", "checkpointing-compiled", 1.0),
+            ("revcompile-backend", "compiled", 1.4), ("revcompile-backend", "checkpointing-compiled", 1.0)]
 
 
 def report(result: dict, stem: str, command: str) -> str:
@@ -170,43 +205,36 @@ def report(result: dict, stem: str, command: str) -> str:
     base = median.get("plain")
     rows = []
     for m in methods:
+        versus = median.get(baseline_of(m))
         row = [METHOD_LABELS[m], f"{median[m] * 1e3:.0f}", f"{median[m] / base:.2f}" if base else "",
-               f"{min(times[m]) * 1e3:.0f}-{max(times[m]) * 1e3:.0f}"]
+               f"{median[m] / versus:.2f}" if versus else "", f"{min(times[m]) * 1e3:.0f}-{max(times[m]) * 1e3:.0f}"]
         if m in flops and "plain" in flops:
             row += [f"{flops[m] / 1e9:.2f}", f"{flops[m] / flops['plain']:.2f}",
                     f"{(flops[m] - flops['plain']) / fwd:+.2f}" if fwd else ""]
         else:
             row += ["", "", ""]
         rows.append(row)
-    table = tabulate(rows, headers=["method", "median step ms", "time vs plain eager", "range ms", "GFLOP / step",
+    table = tabulate(rows, headers=["method", "median step ms", "time vs plain eager",
+                                    "time vs HF checkpointing (same mode)", "range ms", "GFLOP / step",
                                     "FLOPs vs plain", "extra FLOPs / layers' forward"], tablefmt="github")
     goals = []
-    if base:
-        ratio = {m: median[m] / base for m in methods}
-
-        def goal(text: str, value: float, limit: float) -> str:
-            return f"{text}: {value:.2f} (goal <= {limit:.2f}, {'met' if value <= limit else 'MISSED'})"
-
-        if "revcompile" in ratio:
-            goals.append(goal("revcompile eager / plain eager", ratio["revcompile"], 1.35))
-            if "checkpointing" in ratio:
-                goals.append(goal("revcompile eager / HF checkpointing", median["revcompile"] / median["checkpointing"],
-                                  1.05))
-        if "revcompile-unchunked" in ratio and "checkpointing" in ratio:
-            goals.append(f"revcompile eager with recompute_chunks=1 / HF checkpointing: "
-                         f"{median['revcompile-unchunked'] / median['checkpointing']:.2f}")
-        if "revcompile-compiled" in ratio:
-            goals.append(goal("revcompile compiled / plain eager", ratio["revcompile-compiled"], 1.0))
-        if "revcompile-backend" in ratio:
-            goals.append(goal('torch.compile(backend="revcompile") / plain eager', ratio["revcompile-backend"], 1.0))
+    for method, versus, limit in goals_of(result["device"]):
+        if method in median and versus in median:
+            value = median[method] / median[versus]
+            goals.append(f"{METHOD_LABELS[method]} / {METHOD_LABELS[versus]}: {value:.2f} (goal <= {limit:.2f}, "
+                         f"{'met' if value <= limit else 'MISSED'})")
+    if "revcompile-unchunked" in median and "checkpointing" in median:
+        goals.append(f"{METHOD_LABELS['revcompile-unchunked']} / {METHOD_LABELS['checkpointing']}: "
+                     f"{median['revcompile-unchunked'] / median['checkpointing']:.2f} (the MoE recompute in one piece: "
+                     "faster, more memory on CPU; the default on CUDA)")
     cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
     text = (f"# Training-step time ({result['device']})\n\n`{command}`; tiny Mixtral, {cfg}, grouped_mm experts, sdpa, "
             f"{result.get('dtype', 'float32')}, torch {result['torch']}, {result['threads']} threads. "
-            f"Median of {result['rounds']} steps per "
-            "method after warm-up, the methods taking turns; FLOPs of one step by FlopCounterMode (eager methods; "
-            "compiled ones run the same arithmetic); the last column is the FLOPs a method adds to plain training, "
-            "in units "
-            "of one forward of the decoder layers (1.0: one extra forward).\n\n"
+            f"Median of {result['rounds']} steps per method ({result.get('clock', 'wall time')}) after warm-up, "
+            "the methods taking turns; FLOPs of one step by FlopCounterMode (eager methods; compiled ones run the "
+            "same arithmetic); the last column is the FLOPs a method adds to plain training, in units of one forward "
+            "of the decoder layers (1.0: one extra forward). Compiled methods are compared with HF checkpointing "
+            "under torch.compile, eager ones with HF checkpointing eager.\n\n"
             f"{table}\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
     if "profile" in result:
         text += ("\n## Where the time goes\n\ntorch.profiler over two steps of each method: self time per op, per "
@@ -233,16 +261,23 @@ def report(result: dict, stem: str, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(SPEED_METHODS), choices=SPEED_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=SPEED_METHODS,
+                        help="default: every method (LARGE_METHODS with --large)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="the weights' dtype (bfloat16 on a GPU, say)")
     parser.add_argument("--rounds", type=int, default=7, help="timed steps per method (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (compilation)")
     parser.add_argument("--small", action="store_true", help="a tiny config: a dry run of the script")
+    parser.add_argument("--large", action="store_true", help="the larger GPU config (LARGE_CUDA_CONFIG); methods "
+                        "default to LARGE_METHODS, results to speed_<device>_large.*")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per method")
+    parser.add_argument("--cpu-seconds", action="store_true", help="CPU: one thread, each step timed in the "
+                        "process's CPU seconds (other processes on the machine barely move it), results to "
+                        "speed_cpu_seconds.*")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
+    args.methods = args.methods or list(LARGE_METHODS if args.large else SPEED_METHODS)
     allocator_unset = any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items())
     if args.device == "cpu" and not args.from_json and allocator_unset:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})  # see NOTE above
@@ -252,10 +287,12 @@ def main() -> None:
     else:
         result = measure(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"speed_{result['device'].split(':')[0]}")
+    suffix = "_large" if args.large else "_seconds" if args.cpu_seconds else ""
+    stem = os.path.join(args.out, f"speed_{result['device'].split(':')[0]}{suffix}")
     command = "python bench/speed.py" + (f" --device {args.device}" if args.device != "cpu" else "") + \
-        (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + \
-        (" --small" if args.small else "") + (" --profile" if args.profile else "")
+        (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + (" --large" if args.large else "") + \
+        (" --cpu-seconds" if args.cpu_seconds else "") + (" --small" if args.small else "") + \
+        (" --profile" if args.profile else "")
     text = report(result, stem, command)
     with open(stem + ".md", "w") as f:
         f.write(text)

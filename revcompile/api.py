@@ -107,8 +107,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                      compounds (MEFT, bf16), and make function-changing schemes closer to the original
                      (symplectic with max_run=1 is exactly the original model).
     recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
-                     sequence at a time, dividing its working set (1: in one piece; None: 4 on CPU, 1 on CUDA,
-                     where slicing costs more time than it saves memory: see replay.AUTO_CHUNKS).
+                     sequence at a time (forward runs the same slices), dividing its working set; None: by device,
+                     slices of at most 512 tokens on CPU, one piece on CUDA (see replay.AUTO_SLICE_TOKENS).
     compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
                      compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
     exact:           hold the streams as fixed-point integers, so that backward rebuilds every layer's input bit for

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 METHODS = ("plain", "checkpointing", "selective", "revcompile")
-# more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in one piece
-SPEED_METHODS = ("plain", "compiled", "checkpointing", "selective", "revcompile", "revcompile-unchunked",
-                 "revcompile-compiled", "revcompile-backend", "revcompile-float", "revcompile-reference")
+# more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in 4 slices
+SPEED_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled", "selective", "revcompile",
+                 "revcompile-unchunked", "revcompile-compiled", "revcompile-backend", "revcompile-float",
+                 "revcompile-reference")
 # the whole step at a real vocabulary (bench/maxbatch.py): baselines with their default loss and with the chunked one
 HEAD_METHODS = ("plain", "checkpointing", "checkpointing-chunked", "revcompile-original-head", "revcompile")
 METHOD_LABELS = {
@@ -38,7 +39,8 @@ METHOD_LABELS = {
     "selective": "torch selective checkpointing",
     "revcompile": "revcompile (reversible)",
     "compiled": "plain torch.compile",
-    "revcompile-unchunked": "revcompile, recompute_chunks=1",
+    "checkpointing-compiled": "HF activation checkpointing, torch.compile",
+    "revcompile-unchunked": "revcompile, recompute_chunks=1 (one piece)",
     "revcompile-compiled": "revcompile, compile=True",
     "revcompile-backend": 'torch.compile(backend="revcompile")',
     "revcompile-float": "revcompile, exact=False (float streams)",
@@ -81,13 +83,13 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         import revcompile.backend  # registers the backend
 
         return torch.compile(model, backend="revcompile")
-    if method in ("checkpointing", "checkpointing-chunked"):
+    if method in ("checkpointing", "checkpointing-chunked", "checkpointing-compiled"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method == "checkpointing-chunked":
             import revcompile
 
             revcompile.chunked_head(model)
-        return model
+        return torch.compile(model) if method == "checkpointing-compiled" else model
     if method == "revcompile-original-head":
         import revcompile
 

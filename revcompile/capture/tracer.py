@@ -52,8 +52,27 @@ class LayerTrace:
         return dynamic_names(self.signature)
 
 
-# NOTE: cached because every call of a converted layer binds its arguments; inspect.signature costs more than the bind
-_signature = functools.lru_cache(maxsize=None)(inspect.signature)
+@functools.cache
+def _binding(forward: Callable, n_args: int, keys: tuple[str, ...]) -> tuple[str, int | str, tuple]:
+    """How calls of `forward(layer, *args, **kwargs)` with `n_args` positional arguments and keyword arguments `keys`
+    bind: (hidden-state name, where it is, ((context name, where it is), ...)); where: a position in args or a key.
+
+    NOTE: cached because every call of a converted layer binds its arguments, and how a call binds depends on the
+    number of positional arguments and the keyword names alone: `inspect.Signature.bind` runs once per such shape,
+    on markers standing for the values. Raises TypeError for a call that does not bind.
+    """
+    signature = inspect.signature(forward)
+    if any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
+        raise TypeError("its forward takes *args; revcompile needs named arguments")
+    bound = signature.bind(None, *range(n_args), **{key: key for key in keys})
+    names = list(bound.arguments)
+    sources: list[tuple[str, int | str]] = []
+    for name in names[2:]:
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            sources += list(bound.arguments[name].items())
+        else:
+            sources.append((name, bound.arguments[name]))
+    return names[1], bound.arguments[names[1]], tuple(sources)
 
 
 def bind_call(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[str, Any, dict[str, Any]]:
@@ -61,23 +80,15 @@ def bind_call(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict) ->
 
     Keyword arguments collected by `**kwargs` become context entries of their own.
     """
-    signature = _signature(forward)
-    params = list(signature.parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        raise RevcompileError(f"{type(layer).__name__}.forward takes *args; revcompile needs named arguments")
     try:
-        bound = signature.bind(layer, *args, **kwargs)
+        hidden_name, hidden, sources = _binding(forward, len(args), tuple(kwargs))
     except TypeError as err:
         raise RevcompileError(f"cannot bind a call of {type(layer).__name__}: {err}") from err
-    names = list(bound.arguments)
-    hidden_name = names[1]
-    context: dict[str, Any] = {}
-    for name in names[2:]:
-        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            context.update(bound.arguments[name])
-        else:
-            context[name] = bound.arguments[name]
-    return hidden_name, bound.arguments[hidden_name], context
+
+    def value(source: int | str) -> Any:
+        return args[source] if isinstance(source, int) else kwargs[source]
+
+    return hidden_name, value(hidden), {name: value(source) for name, source in sources}
 
 
 def unwrapped_forward(layer: nn.Module) -> Callable:

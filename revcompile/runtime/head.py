@@ -7,8 +7,8 @@ get subclasses, `undo` swaps them back. When the model is called with `labels` a
 - `lm_head(hidden)` records `hidden` and returns a (..., 1) placeholder instead of the logits, so what the model's
   forward does to the logits in between (Gemma's final logit softcapping) costs nothing;
 - `self.loss_function(logits, labels, vocab_size, **kwargs)` runs `chunked_cross_entropy` on the recorded hidden
-  states: forward keeps only the loss (the hidden states and weight it reads already exist), backward recomputes
-  each chunk's logits;
+  states: forward computes each chunk's logits once and turns them into the chunk's share of the gradients, which
+  backward only scales (no logits are kept, none recomputed);
 - the output's `logits` is None.
 Without labels, under torch.no_grad() (evaluation that wants logits) or with `return_dict=False`, the original
 head runs and returns the logits as before.
@@ -40,7 +40,6 @@ from torch import nn
 
 from ..capture.probe import eval_mode, example_call
 from ..errors import RevcompileError
-from .replay import AutocastState
 
 HEADS = ("chunked", "original")
 
@@ -71,56 +70,60 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed `chunk` tokens at a time.
 
-    Forward saves its inputs only (no logits); backward recomputes each chunk's logits and turns them, in place,
-    into the chunk's share of the hidden states' gradient and of the weight's (and bias's) gradient: d loss /
-    d logits = softmax(logits) - onehot(target), zero for ignored tokens.
+    Forward computes each chunk's logits once and turns them, in place, into the chunk's share of the gradients of
+    the hidden states, the weight and the bias for an incoming gradient of 1 (d loss / d logits = softmax(logits) -
+    onehot(target), zero for ignored tokens); it keeps those gradients, never the logits, and backward only scales
+    them by the incoming gradient (Liger-Kernel's fused linear cross-entropy does the same). So the head runs
+    forward once per step, as Hugging Face's does, and holds what its backward would allocate anyway: a gradient
+    the size of the hidden states and one the size of the weight.
 
     NOTE (numerics): logits are upcast per chunk to fp32 (fp64 stays fp64), and the loss is accumulated over chunks
-    in that dtype. The weight's gradient is accumulated over chunks in fp32 (fp64 for fp64 weights) and cast once
-    at the end: a bf16 accumulator would round at every chunk, where one matmul over all tokens rounds once.
+    in that dtype. The weight's gradient is accumulated over chunks in fp32 (fp64 for fp64 weights) and cast once,
+    after the scaling: a bf16 accumulator would round at every chunk, where one matmul over all tokens rounds once.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, chunk):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         acc = torch.promote_types(weight.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], chunk):
-            logits, _ = _logits(hidden[start:start + chunk], weight, bias, softcap, acc)
-            total += F.cross_entropy(logits, targets[start:start + chunk], ignore_index=ignore_index, reduction="sum")
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.softcap, ctx.ignore_index, ctx.chunk = softcap, ignore_index, chunk
-        ctx.autocast = AutocastState.capture(hidden.device)  # backward recomputes the logits under the same one
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits, tanh = _logits(h, weight, bias, softcap, acc)
+            # NOTE: ignored tokens are masked, not indexed out: indexing by `counted.nonzero()` would wait for the
+            # device once per chunk
+            counted = t != ignore_index
+            target = torch.where(counted, t, 0)[:, None]
+            log_norm = torch.logsumexp(logits, -1, keepdim=True)
+            total += torch.where(counted, (log_norm - logits.gather(1, target)).squeeze(1), 0).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # softmax - onehot, in place on the logits (their only copy in fp32 weights without softcap)
+            grad = logits.sub_(log_norm).exp_()
+            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=acc))
+            grad *= counted.to(acc)[:, None]
+            grad = grad.to(weight.dtype if tanh is None else tanh.dtype)
+            if tanh is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+                grad *= 1 - tanh * tanh
+            if need_hidden:
+                grad_hidden[start:start + chunk] = grad @ weight
+            with torch.autocast(hidden.device.type, enabled=False):
+                if need_weight:
+                    grad_weight.addmm_(grad.t().to(acc), h.to(acc))
+                if need_bias:
+                    grad_bias += grad.sum(0, dtype=acc)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-            with ctx.autocast.restored():
-                logits, tanh = _logits(h, weight, bias, ctx.softcap, acc)
-                counted = t != ctx.ignore_index
-                rows = counted.nonzero().squeeze(1)
-                # softmax - onehot, in place on the logits (their only copy in fp32 weights without softcap)
-                grad = logits.sub_(torch.logsumexp(logits, -1, keepdim=True)).exp_()
-                grad[rows, t[rows]] -= 1
-                grad *= (counted * grad_total).to(acc)[:, None]
-                grad = grad.to(weight.dtype if tanh is None else tanh.dtype)
-                if tanh is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
-                    grad *= 1 - tanh * tanh
-                if need_hidden:
-                    grad_hidden[start:start + ctx.chunk] = grad @ weight
-            if need_weight:
-                grad_weight.addmm_(grad.t().to(acc), h.to(acc))
-            if need_bias:
-                grad_bias += grad.sum(0, dtype=acc)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+        grads = [None if g is None else (g * grad_total.to(g.dtype)).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
