@@ -201,15 +201,18 @@ class StreamRuntime:
             carriers = {s: straight_through(arithmetic.view(state, s), opened[s]) for s in scheme.streams}
         else:
             carriers, state = dict(zip(scheme.streams, hidden.unbind(0))), dict(state)
+        recording = torch.is_grad_enabled()  # else (eval) the carriers are the integers' values and nothing more
         for step in scheme.steps:
             out = self._run_branch(branches, step, [carriers[s] for s in step.reads], values, collecting_router_logits)
             state[step.target] = arithmetic.apply(step, state, out)
-            carriers = linear_step(step, carriers, out)
+            if recording:
+                carriers = linear_step(step, carriers, out)
             carriers[step.target] = straight_through(arithmetic.view(state, step.target), carriers[step.target])
         state, carriers = scheme.permute(state), scheme.permute(carriers)
         if self.is_last:
             arithmetic.fmt.raise_if_overflowed()
-            return straight_through(arithmetic.merge(state), scheme.merge_streams(carriers))
+            merged = arithmetic.merge(state)
+            return straight_through(merged, scheme.merge_streams(carriers)) if recording else merged
         packed = torch.stack([carriers[s] for s in scheme.streams])
         setattr(packed, EXACT_REFERENCE, (arithmetic, state))
         return packed
