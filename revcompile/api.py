@@ -26,7 +26,7 @@ from .passes.residuals import PARALLEL, SEQUENTIAL, WHOLE
 from .plan import Pair, Skipped, analyze
 from .runtime.compiled import BranchCompiler
 from .runtime.head import HEADS, convert_head, has_chunked_head, head_transform, undo_head
-from .runtime.layer import NEW_MODULES, LayerRuntime, chunks_by_branch, disable_inversion, reversible_class
+from .runtime.layer import NEW_MODULES, LayerRuntime, disable_inversion, reversible_class, splits_by_branch
 from .runtime.streams import resolve_exact
 from .schemes import SchemeConfig, get_scheme
 from .schemes.branches import scheme_fits
@@ -107,8 +107,9 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                      compounds (MEFT, bf16), and make function-changing schemes closer to the original
                      (symplectic with max_run=1 is exactly the original model).
     recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
-                     sequence at a time (forward runs the same slices), dividing its working set; None: by device,
-                     slices of at most 512 tokens on CPU, one piece on CUDA (see replay.AUTO_SLICE_TOKENS).
+                     sequence at a time, and attention (any branch that treats each sequence alone) this many slices
+                     of the batch (forward runs the same slices), dividing their working set; None: by device,
+                     slices of at most 2048 tokens on CPU, one piece on CUDA (see slicing.AUTO_SLICE_TOKENS).
     compile:         run the branches as graphs compiled with torch.compile (Inductor), each distinct branch graph
                      compiled once for all the layers that share it (see `revcompile/runtime/compiled.py`).
     exact:           hold the streams as fixed-point integers, so that backward rebuilds every layer's input bit for
@@ -180,8 +181,10 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
             layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
                                              pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
-                                             chunks=chunks_by_branch(scheme, pair.structure.splits_by_token,
-                                                                     recompute_chunks), compiler=compiler,
+                                             splits=splits_by_branch(scheme, pair.form, pair.structure.splits_by_token,
+                                                                     pair.structure.splits_by_sequence,
+                                                                     recompute_chunks),
+                                             batch_context=pair.structure.batch_context, compiler=compiler,
                                              exact=exact_by_form[pair.form], exact_headroom=exact_headroom,
                                              form=pair.form, outputs=outputs)
     for pair in plan.pairs:

@@ -53,16 +53,11 @@ from torch.fx.passes.split_module import split_module
 from .capture.tracer import LayerTrace
 from .coupling import Scheme
 from .errors import RevcompileError
-from .passes.classify import ATTENTION, FFN, MOE, classify_values
+from .passes.classify import ATTENTION, FFN, MOE, Classified, classify_values
 from .passes.extract import branch_graph_of, writes_in_place
 from .passes.residuals import SEQUENTIAL, NotReversible, Residual, find_residual_chain
 from .runtime.compiled import COMPILE_OPTIONS
-from .runtime.layer import (
-    PAIR_ROLES,
-    StreamRuntime,
-    chunks_by_branch,
-    inversion_disabled,
-)
+from .runtime.layer import PAIR_ROLES, StreamRuntime, inversion_disabled, splits_by_branch
 from .runtime.streams import resolve_exact
 from .schemes import get_scheme
 from .schemes.branches import scheme_branches
@@ -99,7 +94,7 @@ class _Structure:
     chain: list[Residual]
     branch_graphs: list[fx.Graph]
     kinds: list[str] | None = None
-    splits_by_token: list[bool] | None = None
+    classified: Classified | None = None
     roles: dict[str, nn.Module] | None = None
 
 
@@ -264,8 +259,9 @@ def _classify(gm: fx.GraphModule, layers: list[_Layer], example_inputs: list) ->
             runner.run(probe.values[layer.hidden], *inputs)
             streams = {node.name: value for node, value in runner.env.items()}
             branches = [_seeded(fx.GraphModule(gm, g)) for g in structure.branch_graphs]
-            structure.kinds, structure.splits_by_token = classify_values(
-                branches, [streams[r.stream.name] for r in structure.chain], inputs)
+            structure.classified = classify_values(branches, [streams[r.stream.name] for r in structure.chain],
+                                                   inputs)
+            structure.kinds = structure.classified.kinds
 
 
 def _refusal(gm: fx.GraphModule, example_inputs: list) -> str | None:
@@ -389,9 +385,12 @@ class _Converter:
             for i, layer in enumerate(run):
                 structure = layer.structure
                 roles = self._roles(structure)
+                found = structure.classified
                 runtime = StreamRuntime(self.scheme, is_first=i == 0, is_last=i == len(run) - 1,
-                                        chunks=chunks_by_branch(self.scheme, structure.splits_by_token, self.chunks),
-                                        exact=self.exact, exact_headroom=self.exact_headroom)
+                                        splits=splits_by_branch(self.scheme, SEQUENTIAL, found.by_token,
+                                                                found.by_sequence, self.chunks),
+                                        batch_context=found.batch_context, exact=self.exact,
+                                        exact_headroom=self.exact_headroom)
                 branches = scheme_branches(self.scheme, SEQUENTIAL, roles, {})
                 target = f"revcompile_layer_{len(calls)}"
                 self.gm.add_submodule(target, GraphLayer(runtime, branches, layer.name))

@@ -24,8 +24,9 @@ from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_lay
 from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .distributed import ORDER, refuse_wrapped
 from .errors import RevcompileError
-from .passes.classify import ATTENTION, FFN, MOE, classify_branches
+from .passes.classify import ATTENTION, FFN, MOE, classify_branches, classify_whole
 from .passes.extract import branch_graph_of, whole_layer_graph_of
+from .runtime.slicing import BatchContext
 from .passes.residuals import (PARALLEL, SEQUENTIAL, WHOLE, NotReversible, Residual, find_parallel_residual,
                                find_residual_chain)
 
@@ -42,7 +43,9 @@ class LayerStructure:
     chain: list[Residual]
     branch_graphs: list[fx.Graph]
     kinds: list[str] = field(default_factory=list)
-    splits_by_token: list[bool] = field(default_factory=list)  # may backward recompute it a slice at a time?
+    splits_by_token: list[bool] = field(default_factory=list)  # may it run a slice of the sequence at a time?
+    splits_by_sequence: list[bool] = field(default_factory=list)  # ... a slice of the batch at a time?
+    batch_context: BatchContext | None = None  # the context's layout at the probe, its batch-carrying leaves
     form: str = SEQUENTIAL
     why_whole: str = ""
 
@@ -177,17 +180,25 @@ def _modules(graph: fx.Graph) -> set:
     return {n.target for n in graph.nodes if n.op == "call_module"}
 
 
+def _whole(layer: nn.Module, call: LayerCall, trace: LayerTrace, why: str) -> LayerStructure:
+    graph = whole_layer_graph_of(trace)
+    found = classify_whole(layer, trace, fx.GraphModule(layer, graph), call)
+    return LayerStructure(trace, [], [graph], found.kinds, found.by_token, found.by_sequence, found.batch_context,
+                          WHOLE, why)
+
+
 def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
     trace, form, chain, graphs, why = layer_branches(layer, call.args, call.kwargs)
     if form == WHOLE:
-        return LayerStructure(trace, chain, graphs, ["layer"], [False], WHOLE, why)
-    kinds, splits = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
+        return _whole(layer, call, trace, why)
+    found = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
+    kinds, by_token, by_sequence = found.kinds, found.by_token, found.by_sequence
     if form == PARALLEL and kinds[1] == ATTENTION and kinds[0] != ATTENTION:  # attention is the first role
-        chain, graphs, kinds, splits = chain[::-1], graphs[::-1], kinds[::-1], splits[::-1]
+        chain, graphs, kinds, by_token, by_sequence = (chain[::-1], graphs[::-1], kinds[::-1], by_token[::-1],
+                                                       by_sequence[::-1])
     if kinds[0] != ATTENTION or kinds[1] not in (FFN, MOE):
-        why = _kinds_reason(form, kinds)
-        return LayerStructure(trace, [], [whole_layer_graph_of(trace)], ["layer"], [False], WHOLE, why)
-    return LayerStructure(trace, chain, graphs, kinds, splits, form)
+        return _whole(layer, call, trace, _kinds_reason(form, kinds))
+    return LayerStructure(trace, chain, graphs, kinds, by_token, by_sequence, found.batch_context, form)
 
 
 def _hands_on_state(call: LayerCall, following: LayerCall) -> bool:

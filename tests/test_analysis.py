@@ -117,3 +117,23 @@ def test_why_a_layer_converts_whole_is_said_in_the_users_words(family, words):
     assert {p.form for p in plan.pairs} == {"whole layer"} and len(whys) == 1 and words in whys.pop()
     assert not any(graph_word in str(plan) for graph_word in ("call_function", "call_module", "call_method",
                                                               "dominates", "placeholder"))
+
+
+def test_only_branches_that_treat_each_sequence_alone_split_by_batch():
+    """splits_by_sequence runs a branch on two halves of a batch (a probe batch of one is doubled): a branch that
+    mixes sequences, or one whose context row is taken for the wrong sequence, is not split."""
+    from revcompile.passes.classify import splits_by_sequence
+    from revcompile.runtime.slicing import BatchContext
+
+    x = torch.randn(1, 8, 4, dtype=torch.float64)
+    per_sequence = lambda h, scale: h.cumsum(-2) * scale  # noqa: E731 - mixes tokens, not sequences
+    mixing = lambda h, scale: (h - h.mean(0)) * scale  # noqa: E731 - a batch statistic
+    scale = torch.randn(1, 8, 1, dtype=torch.float64)  # carries the batch (broadcast at the probe)
+    layout = BatchContext.of([scale], batch=1)
+    assert layout.batched == (True,)
+    assert splits_by_sequence(per_sequence, x, [scale], layout)
+    assert not splits_by_sequence(mixing, x, [scale], layout)
+    # the same context declared not to carry the batch: each half would get both rows
+    rows = torch.randn(2, 8, 1, dtype=torch.float64)
+    assert splits_by_sequence(per_sequence, x.repeat(2, 1, 1), [rows], BatchContext.of([rows], batch=2))
+    assert not splits_by_sequence(per_sequence, x.repeat(2, 1, 1), [rows], BatchContext.of([rows], batch=3))

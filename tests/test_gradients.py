@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import revcompile
+from revcompile.runtime.slicing import SEQUENCE, TOKEN, Split
 from conftest import ALL_MODELS, TOLERANCE, loss_and_grads, make_model, rel_err, token_batch
 
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe", "glm4_moe",
@@ -37,7 +38,8 @@ def test_chunked_recompute_matches_reference(name):
     splitting the sum over tokens reorders those float32 additions (router-weight gradients move by ~1e-7).
     """
     model = revcompile.make_reversible(make_model(name, torch.float64), recompute_chunks=4)
-    assert all(layer._revcompile.chunks == {"mlp": 4} for layer in revcompile.converted_layers(model))
+    assert all(layer._revcompile.splits == {"attn": Split(SEQUENCE, 4), "mlp": Split(TOKEN, 4)}
+               for layer in revcompile.converted_layers(model))
     model.train()
     ids = token_batch(model)
     loss, nodes, grads = loss_and_grads(model, ids, reference=False)
@@ -51,7 +53,8 @@ def test_sliced_recompute_hands_branches_contiguous_inputs():
     from plain_models import FlatMoEBlock, PlainLM
 
     model = revcompile.make_reversible(PlainLM(block=FlatMoEBlock).double(), recompute_chunks=4).train()
-    assert all(layer._revcompile.chunks == {"mlp": 4} for layer in revcompile.converted_layers(model))
+    assert all(layer._revcompile.splits == {"attn": Split(SEQUENCE, 4), "mlp": Split(TOKEN, 4)}
+               for layer in revcompile.converted_layers(model))
     ids = token_batch(model)
     _, nodes, grads = loss_and_grads(model, ids, reference=False)
     _, _, ref_grads = loss_and_grads(model, ids, reference=True)

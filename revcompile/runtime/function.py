@@ -22,12 +22,10 @@ recomputes the branch there. Forward already runs that iteration once and compar
 it does not converge, the step keeps a copy of its input for backward (the hybrid fallback), so a residual that
 cannot be inverted costs memory, never correctness.
 
-NOTE: why slices. An FFN or MoE branch acts on each token alone (the analysis checked it), so it can run a slice
-of the sequence at a time: its working set (every expert's activations, the largest thing a MoE layer makes) is
-divided by the number of slices. Forward runs it in the same slices as the recompute, each slice recording its own
-routing and RNG state, so the recompute repeats the forward's very kernels on the very shapes and returns its
-bits: exact streams (`streams.py`) rely on that. Not done while Hugging Face collects router logits (its
-load-balancing loss wants one tensor per layer).
+NOTE: slices. A branch that acts on each token (FFN, MoE) or on each sequence (attention) alone may run a slice of
+the sequence or of the batch at a time (`slicing.py`): its working set is divided by the number of slices. Each
+slice records its own routing and RNG state in forward and is recomputed alone. Not done while Hugging Face collects
+router logits (its load-balancing loss wants one tensor per layer).
 
 NOTE: streams. `call.streams` holds the run's arithmetic (`streams.py`): float steps, or exact integer streams
 whose packed buffer is an integer tensor seen as a float of the same width. Forward and backward only go through
@@ -37,7 +35,7 @@ it, so both kinds share this code.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -46,11 +44,12 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
 from .hf_outputs import ROUTER_LOGITS, private_collector
-from .replay import AutocastState, Replay, run_recorded, run_replayed, sliced, token_slices
+from .replay import AutocastState, Replay, run_recorded, run_replayed
+from .slicing import Piece, branch_pieces
 from .streams import FloatStreams
 
 if TYPE_CHECKING:
-    from .layer import LayerRuntime
+    from .layer import StreamRuntime
 
 
 TENSOR_LEAF = object()  # marks where a context tensor goes in CouplingCall.context_leaves
@@ -82,7 +81,7 @@ class Slot:
 class CouplingCall:
     """Everything one layer call hands from its forward to its backward, besides tensors autograd tracks."""
 
-    runtime: "LayerRuntime"
+    runtime: "StreamRuntime"
     branches: dict[str, torch.nn.Module]
     context_leaves: list[Any]  # pytree leaves of the context; tensors are TENSOR_LEAF (they are Function inputs)
     context_spec: TreeSpec
@@ -95,8 +94,7 @@ class CouplingCall:
     observe: Callable[[FloatStreams, torch.Tensor], None] | None = None  # check(): sees the rebuilt input
     router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
-    chunks: dict[str, int | None] = field(default_factory=dict)  # branch -> slices it runs in (None: auto)
-    replays: list[list[tuple[slice | None, Replay]]] | None = None  # per step: (positions, replay) per slice
+    replays: list[list[tuple[Piece | None, Replay]]] | None = None  # per step: (piece, replay) per slice
     stored: list[torch.Tensor | None] | None = None  # per step: its input, kept where fixed-point inversion failed
 
     def context(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
@@ -131,13 +129,16 @@ class _GradSum:
 
 
 def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tensor], context: list, wrt: list,
-                g_out: torch.Tensor, router_grads: tuple = ()):
-    """Recompute one branch with grad on the streams it reads and backpropagate `g_out` (and the router logits').
+                g_out: torch.Tensor, router_grads: tuple = (), piece: Piece | None = None):
+    """Recompute one branch (on `piece` of its reads and context, if given) with grad on the streams it reads and
+    backpropagate `g_out` (and the router logits').
 
     Returns (branch output, gradients of reads, gradients of `wrt`); the branch's graph is gone on return.
     """
     reads = [read.detach().requires_grad_(True) for read in reads]
     with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
+        if piece is not None:  # sliced here, with grad: a context tensor that requires grad gets its gradient
+            context = piece.context(context)
         out = run_replayed(call.branches[step.branch], (*reads, *context), replay)
     # NOTE: in the output's dtype, as autograd hands it to the branch in the reference: under autocast a bf16 branch
     # output added to an fp32 stream gets its gradient rounded to bf16, and a finer one here would differ from it
@@ -175,28 +176,29 @@ def _check_inversion(call: CouplingCall, step, before: dict[str, torch.Tensor], 
     return None if ok else before[step.target].detach().clone()
 
 
-def branch_slices(step, read: torch.Tensor, chunks: dict[str, int | None], collecting_router_logits: bool):
-    """The slices of the sequence a step's branch runs in (forward, recompute and the coupled reference alike), or
-    None for one piece: only token-wise branches of explicit steps, and not while router logits are collected."""
-    if step.implicit or collecting_router_logits or step.branch not in chunks:
+def step_pieces(runtime: "StreamRuntime", step, read: torch.Tensor, context: list,
+                collecting_router_logits: bool) -> list[Piece] | None:
+    """The pieces a step's branch runs in (forward, recompute and the coupled reference alike), or None for one
+    piece: not for implicit steps, nor while router logits are collected."""
+    if step.implicit or collecting_router_logits:
         return None
-    return token_slices(read, chunks[step.branch])
+    return branch_pieces(runtime.splits.get(step.branch), read, context, runtime.layouts)
 
 
 def _forward_branch(call: CouplingCall, step, reads: list[torch.Tensor], context: list):
-    """Run a step's branch in forward, recording each slice's routing and RNG: (output, [(positions, replay)])."""
+    """Run a step's branch in forward, recording each piece's routing and RNG: (output, [(piece, replay)])."""
     branch = call.branches[step.branch]
-    slices = branch_slices(step, reads[0], call.chunks, call.router_logits is not None)
-    if slices is None:
+    pieces = step_pieces(call.runtime, step, reads[0], context, call.router_logits is not None)
+    if pieces is None:
         out, replay = run_recorded(branch, (*reads, *context), rng=call.training)
         return out, [(None, replay)]
     outs, parts = [], []
-    for positions in slices:
-        out, replay = run_recorded(branch, (*(sliced(read, positions) for read in reads), *context),
+    for piece in pieces:
+        out, replay = run_recorded(branch, (*(piece.take(read) for read in reads), *piece.context(context)),
                                    rng=call.training)
         outs.append(out)
-        parts.append((positions, replay))
-    return torch.cat(outs, dim=-2), parts
+        parts.append((piece, replay))
+    return pieces[0].join(outs), parts
 
 
 class ReversibleCoupling(torch.autograd.Function):
@@ -276,18 +278,18 @@ class ReversibleCoupling(torch.autograd.Function):
             reads = [arithmetic.view(streams, s) for s in step.reads]
             if len(parts) == 1:
                 out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, router_grads)
-            else:  # a token-wise branch, recomputed in the forward's slices: its working set shrinks
+            else:  # a branch recomputed in the forward's slices: its working set shrinks
                 out, chunk_sum = torch.empty_like(g_out), _GradSum(len(wrt))
                 g_reads = [torch.zeros_like(read) for read in reads]
                 # NOTE: last slice first, the order in which autograd runs the slices' backward in the reference:
                 # a parameter's gradient is the sum of the slices' terms, and fp32 sums of 3+ terms depend on it
-                for positions, replay in reversed(parts):
-                    o, g, w = _branch_vjp(call, step, replay, [sliced(read, positions) for read in reads], context,
-                                          wrt, sliced(g_out, positions))
-                    out[..., positions, :] = o
-                    for total, piece in zip(g_reads, g):
-                        if piece is not None:
-                            total[..., positions, :] = piece
+                for piece, replay in reversed(parts):
+                    o, g, w = _branch_vjp(call, step, replay, [piece.take(read) for read in reads], context,
+                                          wrt, piece.take(g_out), piece=piece)
+                    piece.put(out, o)
+                    for total, part in zip(g_reads, g):
+                        if part is not None:
+                            piece.put(total, part)
                     chunk_sum.add(w)
                 g_wrt = chunk_sum.grads
             if not step.implicit:

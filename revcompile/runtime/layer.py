@@ -29,14 +29,15 @@ from ..capture.tracer import bind_call, call_signature, dynamic_names
 from ..coupling import Scheme
 from ..distributed import refuse_sharded_inside
 from ..errors import RevcompileError
-from ..passes.residuals import FORM_ROLES, SEQUENTIAL
+from ..passes.residuals import FORM_ROLES, SEQUENTIAL, WHOLE
 from ..passes.rewrite import coupling_module
 from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
-from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, branch_slices
-from .hf_outputs import ROUTER_LOGITS, active_collector
+from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, step_pieces
+from .hf_outputs import ROUTER_LOGITS, active_collector, private_collector
 from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
-from .replay import AutocastState, sliced
+from .replay import AutocastState
+from .slicing import SEQUENCE, TOKEN, BatchContext, Split
 from .streams import ExactStreams, FixedPoint, FloatStreams, exact_by_default
 
 _state = threading.local()
@@ -96,10 +97,23 @@ def _tag_of(hidden: torch.Tensor, name: str) -> Any:
 SLOT, EXACT_REFERENCE = "_revcompile_slot", "_revcompile_exact"
 
 
-def chunks_by_branch(scheme: Scheme, splits_by_token: list[bool], chunks: int | None) -> dict[str, int | None]:
-    """branch -> pieces its recompute is split into: `chunks` for a branch made only of token-wise roles."""
-    token_wise = {role for role, splits in zip(PAIR_ROLES, splits_by_token) if splits}
-    return {name: chunks for name, roles in scheme.branch_roles.items() if roles and set(roles) <= token_wise}
+def splits_by_branch(scheme: Scheme, form: str, by_token: list[bool], by_sequence: list[bool],
+                     chunks: int | None) -> dict[str, Split]:
+    """branch -> how it runs in pieces (`chunks` of them, None: by device): slices of the sequence for a branch made
+    only of token-wise roles, slices of the batch for one made of roles that each treat a sequence alone (a pair's
+    "layer" role is both of its branches)."""
+    roles = FORM_ROLES[form]
+    token_wise = {role for role, splits in zip(roles, by_token) if splits}
+    sequence_wise = {role for role, splits in zip(roles, by_sequence) if splits}
+    if form != WHOLE and sequence_wise == set(roles):
+        sequence_wise.add("layer")
+    splits = {}
+    for name, used in scheme.branch_roles.items():
+        if used and set(used) <= token_wise:
+            splits[name] = Split(TOKEN, chunks)
+        elif used and set(used) <= sequence_wise:
+            splits[name] = Split(SEQUENCE, chunks)
+    return splits
 
 
 def _is_cache(value: Any) -> bool:
@@ -133,10 +147,14 @@ class StreamRuntime:
     backend (`backend.GraphLayer`) are both one.
     """
 
-    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, chunks: dict[str, int],
-                 exact: bool | None = False, exact_headroom: int | None = None):
+    def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, splits: dict[str, Split],
+                 batch_context: BatchContext | None = None, exact: bool | None = False,
+                 exact_headroom: int | None = None):
         self.scheme = scheme
-        self.chunks = chunks  # branch -> slices of the sequence it runs in, forward and recompute
+        self.splits = splits  # branch -> the pieces it runs in, forward and recompute (slicing.py)
+        # the context layouts checked for slicing by batch (the probe's first), and every layout already looked at
+        self.layouts = [batch_context] if batch_context is not None else []
+        self._seen_layouts = [batch_context.spec] if batch_context is not None else []
         self.is_first = is_first
         self.is_last = is_last
         self.exact = exact  # streams as fixed-point integers (streams.py); None: where the run computes in 16 bits
@@ -180,12 +198,12 @@ class StreamRuntime:
                     collecting_router_logits: bool) -> torch.Tensor:
         branch = branches[step.branch]
         reads = [branch_input(read) for read in reads]
-        slices = branch_slices(step, reads[0], self.chunks, collecting_router_logits)
+        pieces = step_pieces(self, step, reads[0], values, collecting_router_logits)
         with branch_autocast(reads[0].device):
-            if slices is None:
+            if pieces is None:
                 return branch(*reads, *values)
-            return torch.cat([branch(*(sliced(r, positions) for r in reads), *values) for positions in slices],
-                             dim=-2)
+            return pieces[0].join([branch(*(piece.take(r) for r in reads), *piece.context(values))
+                                   for piece in pieces])
 
     def _run_exact_coupled(self, arithmetic: ExactStreams, state: dict | None, branches: dict[str, nn.Module],
                            hidden: torch.Tensor, values: list, collecting_router_logits: bool) -> torch.Tensor:
@@ -230,7 +248,7 @@ class StreamRuntime:
         call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
                             training, AutocastState.capture(hidden.device), arithmetic,
                             router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
-                            chunks=self.chunks, observe=observe)
+                            observe=observe)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
         if isinstance(out, tuple):  # (output, router logits given a gradient path): see hf_outputs.py
             out = out[0]
@@ -241,14 +259,25 @@ class StreamRuntime:
         return out
 
 
+class _FirstReads:
+    """A branch that reads `n` streams, called with one tensor for all of them (a layout check's probe input)."""
+
+    def __init__(self, branch: nn.Module, n: int):
+        self.branch, self.n = branch, n
+
+    def __call__(self, x: torch.Tensor, *context) -> torch.Tensor:
+        return self.branch(*[x] * self.n, *context)
+
+
 class LayerRuntime(StreamRuntime):
     """Per converted layer: its scheme, its generated coupling (one per call signature) and its place in the run."""
 
     def __init__(self, layer: nn.Module, scheme: Scheme, branch_graphs: list[fx.Graph], signature: tuple,
-                 is_first: bool, is_last: bool, invert: bool, original_class: type, chunks: dict[str, int],
-                 compiler: BranchCompiler | None = None, exact: bool | None = False,
-                 exact_headroom: int | None = None, form: str = SEQUENTIAL, outputs: int | None = None):
-        super().__init__(scheme, is_first, is_last, chunks, exact, exact_headroom)
+                 is_first: bool, is_last: bool, invert: bool, original_class: type, splits: dict[str, Split],
+                 batch_context: BatchContext | None = None, compiler: BranchCompiler | None = None,
+                 exact: bool | None = False, exact_headroom: int | None = None, form: str = SEQUENTIAL,
+                 outputs: int | None = None):
+        super().__init__(scheme, is_first, is_last, splits, batch_context, exact, exact_headroom)
         self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
         self.outputs = outputs  # how many values the original layer returns (None: one tensor, not a tuple)
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
@@ -293,6 +322,32 @@ class LayerRuntime(StreamRuntime):
             self._build(layer, graphs, signature)
         return self._built[signature]
 
+    def _check_layout(self, layer: nn.Module, branches: dict[str, nn.Module], hidden: torch.Tensor,
+                      values: list) -> None:
+        """A context layout the probe did not see (a padding mask that was None there): find its batch-carrying
+        leaves and check, once, on this call's values, that each branch sliced by batch gives its output whole (as
+        the analysis did on the probe's, `classify.splits_by_sequence`). A layout that fails runs in one piece."""
+        sequence_wise = [name for name, split in self.splits.items() if split.kind == SEQUENCE]
+        if not sequence_wise or hidden.dim() < 3 or hidden.shape[0] < 2:
+            return
+        spec = tree_flatten(values)[1]
+        if any(spec == seen for seen in self._seen_layouts):
+            return
+        self._seen_layouts.append(spec)
+        from ..capture.probe import eval_mode
+        from ..passes.classify import splits_by_sequence
+
+        layout = BatchContext.of(values, hidden.shape[0])
+        reads = {step.branch: len(step.reads) for step in self.scheme.steps}
+        x = hidden.detach()
+        cuda = x.device.type == "cuda"
+        with torch.no_grad(), eval_mode(layer), private_collector(ROUTER_LOGITS), \
+                torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+            fits = all(splits_by_sequence(_FirstReads(branches[name], reads[name]), x, values, layout)
+                       for name in sequence_wise)
+        if fits:
+            self.layouts.append(layout)
+
     def role_branches(self) -> dict[str, fx.GraphModule]:
         """The pair's own branches ("attn", "mlp") cut out for the call signature seen when converting."""
         return self._roles
@@ -317,14 +372,7 @@ class LayerRuntime(StreamRuntime):
             raise RevcompileError("output_hidden_states=True is not available on a converted model: converted layers "
                                   "pass packed reversible streams to each other, not hidden states; call "
                                   "revcompile.undo(model) to inspect hidden states")
-        reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
-                      and (hidden.requires_grad or bool(params)))
-        if not reversible:
-            return self.run_coupled(branches, hidden, values,
-                                    collector is not None and ROUTER_LOGITS in collector)
-
-        refuse_sharded_inside(layer)
-        if any(_is_cache(v) for v in values):
+        if layer.training and torch.is_grad_enabled() and any(_is_cache(v) for v in values):
             # as under Hugging Face activation checkpointing, a cache is not used in training (the backward
             # recompute would update it a second time); the one created for use_cache=True is empty: no notice
             if any(_is_cache(v) and v.get_seq_length() for v in values) and not getattr(_state, "cache_notice", 0):
@@ -333,6 +381,15 @@ class LayerRuntime(StreamRuntime):
                               "training", stacklevel=3)
                 _state.cache_notice = 1
             values = [None if _is_cache(v) else v for v in values]
+        if not any(_is_cache(v) for v in values):  # a cache would be updated by the check
+            self._check_layout(layer, branches, hidden, values)
+        reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
+                      and (hidden.requires_grad or bool(params)))
+        if not reversible:
+            return self.run_coupled(branches, hidden, values,
+                                    collector is not None and ROUTER_LOGITS in collector)
+
+        refuse_sharded_inside(layer)
         observer, observe = getattr(_state, "observer", None), None
         if observer is not None:
             true_input = hidden.detach().clone()

@@ -170,36 +170,3 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
     replayer = RoutingReplayer(replay.routing) if replay.routing else nullcontext()
     with (replay.rng.restored() if replay.rng else nullcontext()), replayer:
         return branch(*args)
-
-
-# NOTE: the default slicing (chunks None), by device and by measurement. What slicing buys is memory: a MoE
-# recompute's working set (gathered tokens, every expert's intermediate activations and their gradients: ~12x the
-# hidden state per token at top-2) divided by the number of slices; without it the working set grows with the batch
-# and bounds the largest batch (bench/maxbatch.py). What it costs: each slice computes the expert-weight gradients
-# from its own tokens. On CPU, slices of 512 tokens cost 6 % of a step against one piece (bench/speed.py, 2048
-# tokens: 4 slices) and keep bench/memory.py's step at 22.5 MB instead of 33. On CUDA each slice costs a host
-# synchronisation in the experts kernels (token counts per expert): 4 slices made an H200 step 2.2x slower, so the
-# default there is one piece (`recompute_chunks` sets a number of slices on any device).
-AUTO_SLICE_TOKENS = {"cpu": 512}
-
-
-def auto_chunks(read: torch.Tensor) -> int:
-    """The default number of slices for a branch input: pieces of at most AUTO_SLICE_TOKENS tokens, or one."""
-    limit = AUTO_SLICE_TOKENS.get(read.device.type)
-    tokens = read.numel() // max(read.shape[-1], 1) if read.dim() else 1
-    return 1 if limit is None else -(-tokens // limit)
-
-
-def token_slices(read: torch.Tensor, chunks: int | None) -> list[slice] | None:
-    """The slices of the sequence (dim -2) a token-wise branch runs in, forward and recompute alike, or None for
-    one piece (chunks None: auto_chunks)."""
-    chunks = auto_chunks(read) if chunks is None else chunks
-    if chunks <= 1 or read.dim() < 3 or read.shape[-2] < 2:
-        return None
-    pieces = torch.arange(read.shape[-2]).tensor_split(min(chunks, read.shape[-2]))
-    return [slice(int(p[0]), int(p[-1]) + 1) for p in pieces]
-
-
-def sliced(x: torch.Tensor, positions: slice) -> torch.Tensor:
-    """Positions of the sequence (dim -2) as a contiguous tensor: a branch may `.view` its input."""
-    return x[..., positions, :].contiguous()
