@@ -113,6 +113,22 @@ def test_chunked_cross_entropy_bias_ignore_and_all_ignored():
     assert math.isnan(float(chunked_cross_entropy(hidden, weight, bias, ignored)))
 
 
+def test_head_gradients_scale_in_place_once():
+    """Backward scales the gradients forward computed by the incoming gradient (in place: no second weight-sized
+    buffer); a second backward through the same graph is refused instead of scaling them twice."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 5))
+    loss = chunked_cross_entropy(hidden, weight, None, labels, chunk_tokens=3)
+    ref = loss_fp64(F.linear(hidden, weight), labels, 30)
+    grads = torch.autograd.grad(0.25 * loss, (hidden, weight), retain_graph=True)
+    ref_grads = torch.autograd.grad(0.25 * ref, (hidden, weight))
+    assert all(rel_err(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
+    with pytest.raises(revcompile.RevcompileError, match="retain_graph"):
+        torch.autograd.grad(loss, (hidden, weight))
+
+
 def test_logits_without_labels_logits_to_keep_and_no_grad():
     chunked, original = converted("mixtral", torch.float64, "chunked"), converted("mixtral", torch.float64, "original")
     ids, mask, labels = padded_batch(chunked)

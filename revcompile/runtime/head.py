@@ -121,7 +121,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grads = [None if g is None else (g * grad_total.to(g.dtype)).to(dtype)
+        # NOTE: scaled in place, and handed to autograd as they are: a scaled copy would hold a second
+        # weight-sized fp32 gradient (vocab x hidden) at the head's peak. So a second backward cannot scale them again.
+        if getattr(ctx, "scaled", False):
+            raise RevcompileError("backward ran twice through the chunked LM head; retain_graph=True is not "
+                                  "supported (make_reversible(model, head='original') keeps the original head)")
+        ctx.scaled = True
+        grads = [None if g is None else g.mul_(grad_total.to(g.dtype)).to(dtype)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return (*grads, None, None, None, None)
 
