@@ -7,6 +7,7 @@ Prepared for a session that is lent a GPU machine (the test suite never needs on
     python bench/gpu.py --small --device cpu         # a dry run of the script itself, tiny config
     python bench/gpu.py --methods checkpointing checkpointing-chunked revcompile --vocab 151936 --suffix _vocab152k
     python bench/gpu.py --methods revcompile --optimizer adamw-in-backward --suffix _optim_in_backward
+    python bench/gpu.py --methods revcompile --recompute-chunks 4 --suffix _sliced   # recompute by slices on CUDA
 
 The vocabulary is OLMoE's 50,304 unless --vocab says otherwise. revcompile chunks the LM head and loss by default;
 "checkpointing-chunked" is HF checkpointing with the same chunked loss, "revcompile-original-head" revcompile with
@@ -40,14 +41,15 @@ SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_atte
              num_experts=8, num_experts_per_tok=2, vocab_size=512, max_position_embeddings=512)
 
 
-def set_method(model: torch.nn.Module, method: str, device: str) -> None:
+def set_method(model: torch.nn.Module, method: str, device: str, recompute_chunks: int | None = None) -> None:
     if revcompile.converted_layers(model) or has_chunked_head(model):
         revcompile.undo(model)
     model.gradient_checkpointing_disable()
     if method in ("revcompile", "revcompile-original-head"):
         ids = torch.randint(0, 100, (1, 8), device=device)
         revcompile.make_reversible(model, example_inputs=dict(input_ids=ids, use_cache=False),
-                                   head="original" if method == "revcompile-original-head" else "chunked")
+                                   head="original" if method == "revcompile-original-head" else "chunked",
+                                   recompute_chunks=recompute_chunks)
     else:
         prepare(model, method)
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for method in args.methods:
         deadline = time.time() + args.budget_s / len(args.methods)
-        set_method(model, method, args.device)
+        set_method(model, method, args.device, args.recompute_chunks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6) if args.optimizer == "adamw" else None
         in_backward = (revcompile.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-6)
                        if args.optimizer == "adamw-in-backward" else None)
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, help="vocabulary size (default: OLMoE's 50304; --small: 512)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw-in-backward"],
                         help="also step AdamW in every step (after backward, or inside it)")
+    parser.add_argument("--recompute-chunks", type=int, help="revcompile's recompute_chunks (default: by device, one "
+                        "piece on CUDA): the MoE in N slices of the sequence, attention in N slices of the batch")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--suffix", default="", help="appended to the result files' names")
     args = parser.parse_args()

@@ -130,11 +130,12 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
         rows.append([METHOD_LABELS[r["method"]], r["batch"], r["batch"] * args.seq, ratio(r["method"], "checkpointing"),
                      ratio(r["method"], "checkpointing-chunked"),
                      megabytes(r.get("per_sequence_mb")), megabytes(r.get("fixed_mb")), last["batch"],
-                     megabytes(last["peak_mb"]), megabytes(last["kept_mb"]), megabytes(last["head_mb"] - last["kept_mb"]),
+                     megabytes(last["peak_mb"]), f"{last['peak_mb'] * 1024 / (last['batch'] * args.seq):.1f}",
+                     megabytes(last["kept_mb"]), megabytes(last["head_mb"] - last["kept_mb"]),
                      megabytes(last["layers_backward_mb"]), megabytes(last["weights_mb"] + last["grads_mb"])])
     table = tabulate(rows, headers=["method", "largest batch", "tokens / step", "vs HF ckpt", "vs HF ckpt + chunked",
                                     "MB / sequence", "fixed MB", "measured at batch", "step peak MB",
-                                    "kept by the layers at the head", "head working set",
+                                    "step peak KB / token", "kept by the layers at the head", "head working set",
                                     "layers' backward peak", "weights + grads MB"], tablefmt="github")
     how = (f"batch searched in child runs until the bracket closed (at most {args.max_runs} per method)" if args.search
            else f"peaks measured at batches {', '.join(map(str, args.fit_batches))} (one child process each) and "
@@ -146,8 +147,11 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
              "split of one measured step (peak RSS by phase, above the pre-step level): what the layers keep for "
              "backward when the LM head starts; the head's working set (peak from the head's forward to the "
              "gradient of its input, minus what was kept); the peak of the layers' backward after it",
-             f"{args.depth} layers, tiny Mixtral ({', '.join(f'{k}={v}' for k, v in CONFIG.items() if k != 'model_type')}"
-             f", 4 experts top-2), vocab {args.vocab}, sdpa attention, eager experts, fp32, {args.device}"]
+             f"the floor of a reversible step is its streams and their gradients: 2 x 3 streams (symplectic: q, p, "
+             f"h0) x hidden {CONFIG['hidden_size']} x 4 bytes = {2 * 3 * CONFIG['hidden_size'] * 4 / 1024:g} KB per "
+             "token, plus one slice of one branch's recompute (a constant: at most 2,048 tokens on CPU)",
+             f"{args.depth} layers, tiny Mixtral ("
+             f"{', '.join(f'{k}={v}' for k, v in CONFIG.items() if k != 'model_type')}, 4 experts top-2), vocab {args.vocab}, sdpa attention, eager experts, fp32, {args.device}"]
     notes += [f"{METHOD_LABELS[r['method']]}: the search stopped at {args.max_runs} runs before closing; the "
               f"largest batch is at least {r['batch']}" + (f" and below {r['over']}" if r["over"] else "")
               for r in results if args.search and (r["over"] is None or r["over"] - r["batch"] > 1)]
@@ -201,12 +205,19 @@ def main() -> None:
                         help="also measure revcompile's total peak with AdamW and AdamW in backward at this batch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
+    parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON (run with the same "
+                        "options) instead of measuring")
     args = parser.parse_args()
 
-    find = largest_batch if args.search else fitted_batch
-    results = [find(method, args) for method in tqdm(args.methods, desc="methods")]
-    optimizer_runs = [measure("revcompile", args.optimizer_batch, args, optimizer=optimizer)
-                      for optimizer in ("adamw", "adamw-in-backward")] if args.optimizer_batch else []
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        results, optimizer_runs = saved["results"], saved["optimizer_runs"]
+    else:
+        find = largest_batch if args.search else fitted_batch
+        results = [find(method, args) for method in tqdm(args.methods, desc="methods")]
+        optimizer_runs = [measure("revcompile", args.optimizer_batch, args, optimizer=optimizer)
+                          for optimizer in ("adamw", "adamw-in-backward")] if args.optimizer_batch else []
     text = report(results, optimizer_runs, args)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"maxbatch_d{args.depth}" + ("_search" if args.search else ""))

@@ -74,6 +74,12 @@ class Pair:
         return self.structure.form
 
 
+def _slices_by(structure: LayerStructure) -> str:
+    """Per branch, what it may run by slices of (runtime/slicing.py): tokens, sequences (of the batch) or neither."""
+    return " | ".join("tokens" if token else "sequences" if sequence else "-"
+                      for token, sequence in zip(structure.splits_by_token, structure.splits_by_sequence))
+
+
 @dataclass
 class Skipped:
     layer: str
@@ -93,8 +99,9 @@ class Plan:
 
     def table(self) -> str:
         rows = [[p.layer, p.form, " | ".join("+".join(m) for m in p.modules), " | ".join(p.kinds),
-                 ", ".join("1" if s is None else f"{s:g}" for s in p.scales)] for p in self.pairs]
-        headers = ["layer", "form", "branches", "kind", "residual scale"]
+                 ", ".join("1" if s is None else f"{s:g}" for s in p.scales), _slices_by(p.structure)]
+                for p in self.pairs]
+        headers = ["layer", "form", "branches", "kind", "residual scale", "may run by slices of"]
         if any(p.scheme for p in self.pairs):
             headers.append("scheme")
             rows = [row + [p.scheme] for row, p in zip(rows, self.pairs)]
