@@ -56,8 +56,9 @@ def set_method(model: torch.nn.Module, method: str, device: str, recompute_chunk
 
 def run(args: argparse.Namespace) -> list[dict]:
     cuda = args.device.startswith("cuda")
+    sizes = dict(SMALL if args.small else OLMOE_1B_7B, **({"vocab_size": args.vocab} if args.vocab else {}))
     config = tiny_config("olmoe", attn_implementation="sdpa", experts_implementation="grouped_mm" if cuda else "eager",
-                         **dict(SMALL if args.small else OLMOE_1B_7B, **({"vocab_size": args.vocab} if args.vocab else {})))
+                         **sizes)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = tiny_model_from_config(config).to(torch.bfloat16 if cuda else torch.float32)
@@ -152,7 +153,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", help="these batch sizes instead of doubling from 1")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=360, help="time for all methods; each gets an equal share")
-    parser.add_argument("--methods", nargs="+", default=["plain", "checkpointing", "checkpointing-chunked", "revcompile"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["plain", "checkpointing", "checkpointing-chunked", "revcompile"])
     parser.add_argument("--vocab", type=int, help="vocabulary size (default: OLMoE's 50304; --small: 512)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw-in-backward"],
                         help="also step AdamW in every step (after backward, or inside it)")

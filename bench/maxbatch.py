@@ -151,7 +151,8 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
              f"h0) x hidden {CONFIG['hidden_size']} x 4 bytes = {2 * 3 * CONFIG['hidden_size'] * 4 / 1024:g} KB per "
              "token, plus one slice of one branch's recompute (a constant: at most 2,048 tokens on CPU)",
              f"{args.depth} layers, tiny Mixtral ("
-             f"{', '.join(f'{k}={v}' for k, v in CONFIG.items() if k != 'model_type')}, 4 experts top-2), vocab {args.vocab}, sdpa attention, eager experts, fp32, {args.device}"]
+             f"{', '.join(f'{k}={v}' for k, v in CONFIG.items() if k != 'model_type')}, 4 experts top-2), "
+             f"vocab {args.vocab}, sdpa attention, eager experts, fp32, {args.device}"]
     notes += [f"{METHOD_LABELS[r['method']]}: the search stopped at {args.max_runs} runs before closing; the "
               f"largest batch is at least {r['batch']}" + (f" and below {r['over']}" if r["over"] else "")
               for r in results if args.search and (r["over"] is None or r["over"] - r["batch"] > 1)]
