@@ -116,10 +116,24 @@ def test_padded_batches_run_attention_by_slices_of_the_batch(side):
         loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    layouts = revcompile.converted_layers(sliced)[0]._revcompile.layouts
-    assert len(layouts) == 2 and layouts[1].batched[0]  # the probe's, and the padded call's: the mask by batch
+    for layer in revcompile.converted_layers(sliced):  # the probe's layout, and the padded call's: the mask by batch
+        layouts = layer._revcompile.layouts
+        assert len(layouts) == 2 and layouts[1].batched[0]
     (loss, grads), (ref_loss, ref) = results[1], results[0]
     assert rel_err(loss, ref_loss) < 1e-5 and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-5
+
+
+def test_padded_layout_is_learned_by_every_layer_in_bf16():
+    """bf16 weights: exact integer streams reach the later layers of a run packed; each layer checks the padded
+    layout on values of the stream's shape and slices attention by the batch."""
+    model = revcompile.make_reversible(make_model("olmoe", torch.bfloat16), recompute_chunks=2).train()
+    ids = token_batch(model, batch=3, seq=12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(len(layer._revcompile.layouts) == 2 for layer in revcompile.converted_layers(model))
 
 
 @pytest.mark.parametrize("experts", ["eager", "grouped_mm", "batched_mm"])

@@ -328,7 +328,8 @@ class LayerRuntime(StreamRuntime):
         leaves and check, once, on this call's values, that each branch sliced by batch gives its output whole (as
         the analysis did on the probe's, `classify.splits_by_sequence`). A layout that fails runs in one piece."""
         sequence_wise = [name for name, split in self.splits.items() if split.kind == SEQUENCE]
-        if not sequence_wise or hidden.dim() < 3 or hidden.shape[0] < 2:
+        shape = hidden.shape if self.is_first else hidden.shape[1:]  # later layers get (n_streams, *hidden.shape)
+        if not sequence_wise or len(shape) < 3 or shape[0] < 2:
             return
         spec = tree_flatten(values)[1]
         if any(spec == seen for seen in self._seen_layouts):
@@ -337,12 +338,15 @@ class LayerRuntime(StreamRuntime):
         from ..capture.probe import eval_mode
         from ..passes.classify import splits_by_sequence
 
-        layout = BatchContext.of(values, hidden.shape[0])
+        layout = BatchContext.of(values, shape[0])
         reads = {step.branch: len(step.reads) for step in self.scheme.steps}
-        x = hidden.detach()
-        cuda = x.device.type == "cuda"
+        dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)
+        cuda = hidden.device.type == "cuda"
         with torch.no_grad(), eval_mode(layer), private_collector(ROUTER_LOGITS), \
-                torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+                torch.random.fork_rng(devices=[hidden.device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+            # NOTE: the layer's input itself where it is a hidden state; later layers of a run get packed streams
+            # (integers, for exact streams), so they are checked on random values of the stream's shape
+            x = hidden.detach() if self.is_first else torch.randn(shape, dtype=dtype, device=hidden.device)
             fits = all(splits_by_sequence(_FirstReads(branches[name], reads[name]), x, values, layout)
                        for name in sequence_wise)
         if fits:
