@@ -131,12 +131,12 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
                      ratio(r["method"], "checkpointing-chunked"),
                      megabytes(r.get("per_sequence_mb")), megabytes(r.get("fixed_mb")), last["batch"],
                      megabytes(last["peak_mb"]), f"{last['peak_mb'] * 1024 / (last['batch'] * args.seq):.1f}",
-                     megabytes(last["kept_mb"]), megabytes(last["head_mb"] - last["kept_mb"]),
-                     megabytes(last["layers_backward_mb"]), megabytes(last["weights_mb"] + last["grads_mb"])])
+                     megabytes(last.get("layers_forward_mb")), megabytes(last["kept_mb"]),
+                     megabytes(last["head_mb"] - last["kept_mb"]), megabytes(last["layers_backward_mb"]), megabytes(last["weights_mb"] + last["grads_mb"])])
     table = tabulate(rows, headers=["method", "largest batch", "tokens / step", "vs HF ckpt", "vs HF ckpt + chunked",
                                     "MB / sequence", "fixed MB", "measured at batch", "step peak MB",
-                                    "step peak KB / token", "kept by the layers at the head", "head working set",
-                                    "layers' backward peak", "weights + grads MB"], tablefmt="github")
+                                    "step peak KB / token", "layers' forward peak", "kept by the layers at the head",
+                                    "head working set", "layers' backward peak", "weights + grads MB"], tablefmt="github")
     how = (f"batch searched in child runs until the bracket closed (at most {args.max_runs} per method)" if args.search
            else f"peaks measured at batches {', '.join(map(str, args.fit_batches))} (one child process each) and "
                 "fitted with a straight line, fixed MB + MB / sequence x batch; the largest batch is where it reaches "
@@ -144,9 +144,10 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
     notes = [f"sequence fixed at {args.seq} tokens; tokens / step = batch x {args.seq}; {how}",
              f"cap {args.cap_mb:g} MB on the step's peak above the pre-step level: weights and gradients "
              "(allocated before the step) are not counted",
-             "split of one measured step (peak RSS by phase, above the pre-step level): what the layers keep for "
-             "backward when the LM head starts; the head's working set (peak from the head's forward to the "
-             "gradient of its input, minus what was kept); the peak of the layers' backward after it",
+             "split of one measured step (peak RSS by phase, above the pre-step level): the peak of the layers' "
+             "forward; what the layers keep for backward when the LM head starts; the head's working set (peak from "
+             "the head's forward to the gradient of its input, minus what was kept); the peak of the layers' backward "
+             "after it",
              f"the floor of a reversible step is its streams and their gradients: 2 x 3 streams (symplectic: q, p, "
              f"h0) x hidden {CONFIG['hidden_size']} x 4 bytes = {2 * 3 * CONFIG['hidden_size'] * 4 / 1024:g} KB per "
              "token, plus one slice of one branch's recompute (a constant: at most 2,048 tokens on CPU)",
