@@ -132,11 +132,13 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
                      megabytes(r.get("per_sequence_mb")), megabytes(r.get("fixed_mb")), last["batch"],
                      megabytes(last["peak_mb"]), f"{last['peak_mb'] * 1024 / (last['batch'] * args.seq):.1f}",
                      megabytes(last.get("layers_forward_mb")), megabytes(last["kept_mb"]),
-                     megabytes(last["head_mb"] - last["kept_mb"]), megabytes(last["layers_backward_mb"]), megabytes(last["weights_mb"] + last["grads_mb"])])
+                     megabytes(last["head_mb"] - last["kept_mb"]), megabytes(last["layers_backward_mb"]),
+                     megabytes(last["weights_mb"] + last["grads_mb"])])
     table = tabulate(rows, headers=["method", "largest batch", "tokens / step", "vs HF ckpt", "vs HF ckpt + chunked",
                                     "MB / sequence", "fixed MB", "measured at batch", "step peak MB",
                                     "step peak KB / token", "layers' forward peak", "kept by the layers at the head",
-                                    "head working set", "layers' backward peak", "weights + grads MB"], tablefmt="github")
+                                    "head working set", "layers' backward peak", "weights + grads MB"],
+                     tablefmt="github")
     how = (f"batch searched in child runs until the bracket closed (at most {args.max_runs} per method)" if args.search
            else f"peaks measured at batches {', '.join(map(str, args.fit_batches))} (one child process each) and "
                 "fitted with a straight line, fixed MB + MB / sequence x batch; the largest batch is where it reaches "
