@@ -4,6 +4,7 @@ on a tiny Mixtral (hidden 256, vocab 32,000, seq 512; each measurement a child p
 
     python bench/maxbatch.py --depth 16         # CPU, cap 512 MB -> bench/results/maxbatch_d16.{md,json,png}
     python bench/maxbatch.py --depth 16 --search --cap-mb 256   # -> maxbatch_d16_search.*
+    python bench/maxbatch.py --depth 64 --search --cap-mb 256 --max-runs 11 --resume OLD.json  # close a search
 
 The sequence length stays fixed (512). Each step's peak is split by phase (revcompile.measure.PhasePeaks): what the
 layers keep when the head starts, the head's working set, the layers' backward. Two ways to find the batch:
@@ -67,15 +68,16 @@ def next_batch(fit: int, over: int | None, peak: dict[int, float], cap_mb: float
     return min(max(math.floor(crossing(fit, over, peak, cap_mb)), fit + 1), over - 1)
 
 
-def largest_batch(method: str, args: argparse.Namespace) -> dict:
-    """Search the largest batch of `method` under args.cap_mb in at most args.max_runs child runs.
+def largest_batch(method: str, args: argparse.Namespace, earlier: list[dict] = ()) -> dict:
+    """Search the largest batch of `method` under args.cap_mb in at most args.max_runs child runs, continuing from
+    the `earlier` runs of a search that stopped before closing (`--resume`; they count toward args.max_runs).
 
     Returns the method, `batch` (largest known to fit, 0 if none), `over` (smallest known not to fit, None if
     none), their peaks and every run's measurement; `over == batch + 1` means the search closed.
     """
-    runs: list[dict] = []
-    peak: dict[int, float] = {}
-    progress = tqdm(total=args.max_runs, desc=METHOD_LABELS[method], unit="run", leave=False)
+    runs: list[dict] = list(earlier)
+    peak: dict[int, float] = {run["batch"]: run["peak_mb"] for run in runs}
+    progress = tqdm(total=args.max_runs, initial=len(runs), desc=METHOD_LABELS[method], unit="run", leave=False)
 
     def fits(batch: int) -> bool:
         run = measure(method, batch, args)
@@ -86,7 +88,8 @@ def largest_batch(method: str, args: argparse.Namespace) -> dict:
         progress.set_postfix(batch=batch, peak_mb=f"{run['peak_mb']:.0f}")
         return run["fits"]
 
-    fit, over = 0, None
+    fit = max((run["batch"] for run in runs if run["fits"]), default=0)
+    over = min((run["batch"] for run in runs if not run["fits"]), default=None)
     while (over is None or over - fit > 1) and len(runs) < args.max_runs:
         candidate = next_batch(fit, over, peak, args.cap_mb)
         if fits(candidate):
@@ -211,12 +214,19 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON (run with the same "
                         "options) instead of measuring")
+    parser.add_argument("--resume", help="--search: continue an earlier run's searches (its JSON) that stopped "
+                        "before closing, up to --max-runs runs per method in all")
     args = parser.parse_args()
 
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
         results, optimizer_runs = saved["results"], saved["optimizer_runs"]
+    elif args.resume:
+        with open(args.resume) as f:
+            saved = json.load(f)
+        results = [largest_batch(r["method"], args, r["runs"]) for r in tqdm(saved["results"], desc="methods")]
+        optimizer_runs = saved["optimizer_runs"]
     else:
         find = largest_batch if args.search else fitted_batch
         results = [find(method, args) for method in tqdm(args.methods, desc="methods")]
