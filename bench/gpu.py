@@ -8,6 +8,7 @@ Prepared for a session that is lent a GPU machine (the test suite never needs on
     python bench/gpu.py --methods checkpointing checkpointing-chunked revcompile --vocab 151936 --suffix _vocab152k
     python bench/gpu.py --methods revcompile --optimizer adamw-in-backward --suffix _optim_in_backward
     python bench/gpu.py --methods revcompile --recompute-chunks 4 --suffix _sliced   # recompute by slices on CUDA
+    python bench/gpu.py --methods revcompile --slice-tokens 32768 --suffix _slices32k  # a CUDA slice budget to try
 
 The vocabulary is OLMoE's 50,304 unless --vocab says otherwise. revcompile chunks the LM head and loss by default;
 "checkpointing-chunked" is HF checkpointing with the same chunked loss, "revcompile-original-head" revcompile with
@@ -160,9 +161,15 @@ def main() -> None:
                         help="also step AdamW in every step (after backward, or inside it)")
     parser.add_argument("--recompute-chunks", type=int, help="revcompile's recompute_chunks (default: by device, one "
                         "piece on CUDA): the MoE in N slices of the sequence, attention in N slices of the batch")
+    parser.add_argument("--slice-tokens", type=int, help="revcompile's default slice budget on this device "
+                        "(revcompile.runtime.slicing.AUTO_SLICE_TOKENS; CUDA has none: one piece), to measure one")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--suffix", default="", help="appended to the result files' names")
     args = parser.parse_args()
+    if args.slice_tokens:
+        from revcompile.runtime.slicing import AUTO_SLICE_TOKENS
+
+        AUTO_SLICE_TOKENS[torch.device(args.device).type] = args.slice_tokens
     results = run(args)
     text = report(results, args)
     os.makedirs(args.out, exist_ok=True)
