@@ -36,8 +36,9 @@ _CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 # are the peak, not a layer's recompute, and one slice's working set is small beside the streams), while on
 # bench/speed.py's step (4 x 512 tokens) 512-token slices cost 7 % against 2048 (1.08x against 1.01x HF
 # checkpointing): 2048. On CUDA each MoE slice costs a host synchronisation in the experts kernels (token counts per
-# expert): 4 slices made an H200 step 2.2x slower, so the default there is one piece (`recompute_chunks` sets a
-# number of slices on any device).
+# expert): 4 slices made an H200 step of 8 x 1024 tokens 2.2x slower, so the default there is one piece
+# (`recompute_chunks` sets a number of slices on any device; whether a budget of tens of thousands of tokens pays at
+# large batches is for `bench/gpu.py --slice-tokens` to measure).
 AUTO_SLICE_TOKENS = {"cpu": 2048}
 
 
