@@ -44,8 +44,9 @@ CONFIG = dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_
 
 def measure(method: str, batch: int, args: argparse.Namespace, **extra) -> dict:
     """One step of `method` at `batch` in a child process, its peak split by phase."""
-    return measure_step(method, args.depth, device=args.device, batch=batch, seq=args.seq, split=True,
-                        warmup_batch=1, vocab_size=args.vocab, **CONFIG, **extra)
+    return measure_step(method, args.depth, device=args.device, dtype=args.dtype, batch=batch, seq=args.seq,
+                        split=True, warmup_batch=1, vocab_size=args.vocab, **dict(CONFIG, model_type=args.family),
+                        **extra)
 
 
 def crossing(small: int, large: int, peak: dict[int, float], cap_mb: float) -> float:
@@ -125,6 +126,7 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
     def ratio(method: str, base: str) -> str:
         return f"{batch[method] / batch[base]:.1f}x" if batch.get(base) else "-"
 
+    hidden = CONFIG["hidden_size"]
     rows = []
     for r in results:
         last = r["runs"][-1] if args.search else max(r["runs"], key=lambda run: run["batch"])
@@ -153,21 +155,25 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
              "forward; what the layers keep for backward when the LM head starts; the head's working set (peak from "
              "the head's forward to the gradient of its input, minus what was kept); the peak of the layers' backward "
              "after it",
-             f"the floor of a reversible step is its streams and their gradients: 2 x 3 streams (symplectic: q, p, "
-             f"h0) x hidden {CONFIG['hidden_size']} x 4 bytes = {2 * 3 * CONFIG['hidden_size'] * 4 / 1024:g} KB per "
-             "token, plus one slice of one branch's recompute (a constant: at most 2,048 tokens on CPU)",
-             f"{args.depth} layers, tiny Mixtral ("
+             f"the floor of a reversible step is its streams and their gradients: 3 streams (symplectic: q, p, h0) "
+             f"x hidden {hidden} x (4 + 4) bytes (fp32 streams, or int32 exact streams in a 16-bit model; the packed "
+             f"gradients travel in fp32 either way) = {3 * hidden * 8 / 1024:g} KB per token, plus one slice of one "
+             "branch's recompute (a constant: at most 2,048 tokens on CPU)",
+             f"{args.depth} layers, tiny {args.family} ("
              f"{', '.join(f'{k}={v}' for k, v in CONFIG.items() if k != 'model_type')}, 4 experts top-2), "
-             f"vocab {args.vocab}, sdpa attention, eager experts, fp32, {args.device}"]
+             f"vocab {args.vocab}, sdpa attention, eager experts, {args.dtype}, {args.device}"]
     notes += [f"{METHOD_LABELS[r['method']]}: the search stopped at {args.max_runs} runs before closing; the "
               f"largest batch is at least {r['batch']}" + (f" and below {r['over']}" if r["over"] else "")
               for r in results if args.search and (r["over"] is None or r["over"] - r["batch"] > 1)]
     command = (f"python bench/maxbatch.py --device {args.device} --depth {args.depth} --cap-mb {args.cap_mb:g} "
+               + (f"--family {args.family} " if args.family != "mixtral" else "")
+               + (f"--dtype {args.dtype} " if args.dtype != "float32" else "") +
                f"--seq {args.seq} --vocab {args.vocab} --methods {' '.join(args.methods)} "
                + (f"--search --max-runs {args.max_runs}" if args.search else
                   f"--fit-batches {' '.join(map(str, args.fit_batches))}")
                + (f" --optimizer-batch {args.optimizer_batch}" if args.optimizer_batch else ""))
-    text = (f"# Largest batch under a {args.cap_mb:g} MB step-memory cap, vocab {args.vocab} ({args.device})\n\n"
+    text = (f"# Largest batch under a {args.cap_mb:g} MB step-memory cap, vocab {args.vocab} ({args.device}, "
+            f"{args.family}, {args.dtype})\n\n"
             f"`{command}`\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     if optimizer_runs:
         rows = [[METHOD_LABELS[r["method"]], r["optimizer"], r["batch"], megabytes(r["total_peak_mb"]),
@@ -190,7 +196,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
     ax.bar_label(bars, [f"batch {r['batch']}" for r in results])
     ax.set(ylabel=f"tokens per step (batch x {args.seq})",
            title=f"Largest step under {args.cap_mb:g} MB above weights+grads\n"
-                 f"(tiny Mixtral, {args.depth} layers, vocab {args.vocab}, {args.device})")
+                 f"(tiny {args.family}, {args.depth} layers, vocab {args.vocab}, {args.dtype}, {args.device})")
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -211,6 +217,8 @@ def main() -> None:
     parser.add_argument("--optimizer-batch", type=int, default=0,
                         help="also measure revcompile's total peak with AdamW and AdamW in backward at this batch")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--family", default="mixtral", help="the tiny model's family (a transformers model_type)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the weights' dtype")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON (run with the same "
                         "options) instead of measuring")
@@ -234,7 +242,9 @@ def main() -> None:
                           for optimizer in ("adamw", "adamw-in-backward")] if args.optimizer_batch else []
     text = report(results, optimizer_runs, args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"maxbatch_d{args.depth}" + ("_search" if args.search else ""))
+    stem = os.path.join(args.out, f"maxbatch_d{args.depth}" + ("_search" if args.search else "")
+                        + (f"_{args.family}" if args.family != "mixtral" else "")
+                        + (f"_{args.dtype}" if args.dtype != "float32" else ""))
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".json", "w") as f:
