@@ -34,7 +34,7 @@ from tabulate import tabulate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from revcompile.measure import HEAD_METHODS, METHOD_LABELS, measure_step  # noqa: E402
+from revcompile.measure import HEAD_METHODS, METHOD_LABELS, measure_step, onednn_for_memory  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # issue 12's configuration: tiny Mixtral at a real vocabulary, where the logits are the largest tensors of a step
@@ -45,8 +45,8 @@ CONFIG = dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_
 def measure(method: str, batch: int, args: argparse.Namespace, **extra) -> dict:
     """One step of `method` at `batch` in a child process, its peak split by phase."""
     return measure_step(method, args.depth, device=args.device, dtype=args.dtype, batch=batch, seq=args.seq,
-                        split=True, warmup_batch=1, vocab_size=args.vocab, **dict(CONFIG, model_type=args.family),
-                        **extra)
+                        split=True, warmup_batch=1, onednn=onednn_for_memory(args.device, args.dtype),
+                        vocab_size=args.vocab, **dict(CONFIG, model_type=args.family), **extra)
 
 
 def crossing(small: int, large: int, peak: dict[int, float], cap_mb: float) -> float:

@@ -28,7 +28,14 @@ from tabulate import tabulate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from revcompile.measure import MEMORY_CONFIG, METHOD_LABELS, METHODS, SPEED_METHODS, measure_step  # noqa: E402
+from revcompile.measure import (  # noqa: E402
+    MEMORY_CONFIG,
+    METHOD_LABELS,
+    METHODS,
+    SPEED_METHODS,
+    measure_step,
+    onednn_for_memory,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -54,7 +61,8 @@ def main() -> None:
                 # NOTE: RSS moves by about +-1 MB from run to run (allocator, interpreter); the median of a few
                 # children keeps that noise out of the ratios
                 runs = [measure_step(method, depth, device=args.device, dtype=args.dtype,
-                                     **MEMORY_CONFIG) for _ in range(args.repeats)]
+                                     onednn=onednn_for_memory(args.device, args.dtype), **MEMORY_CONFIG)
+                        for _ in range(args.repeats)]
                 median = statistics.median(r["peak_mb"] for r in runs)
                 results.append(dict(runs[0], peak_mb=median, peak_mb_runs=[r["peak_mb"] for r in runs]))
     peak = {(r["method"], r["depth"]): r["peak_mb"] for r in results}

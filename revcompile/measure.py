@@ -155,7 +155,7 @@ class PhasePeaks:
 def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
                          dtype: str = "float32", steps: int = 1, attn: str = "sdpa", pretrained: str | None = None,
                          threads: int | None = None, split: bool = False, optimizer: str | None = None,
-                         warmup_batch: int | None = None, **config: Any) -> dict:
+                         warmup_batch: int | None = None, onednn: bool = True, **config: Any) -> dict:
     """In this process: build the model, warm up, then measure `steps` training steps (peak of the first).
 
     pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
@@ -168,6 +168,10 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
                 (revcompile.optimizer_in_backward), so no gradient outlives its parameter's step. With an
                 optimizer the result also has `total_peak_mb`: the step's peak above the RSS before the model was
                 built (weights, gradients, optimizer state and the step's working set).
+    onednn:     False turns oneDNN (mkldnn) off for the step. NOTE: on CPU in bf16, oneDNN keeps a compiled
+                primitive per distinct matrix shape (about 0.5 MB each, measured for a 256 x 1024 linear), and an
+                eager MoE's experts see a new token count at almost every call: RSS then grows with the calls made,
+                by depth in the first steps, for every method alike. A memory figure in bf16 on CPU needs it off.
     threads:    torch's intra-op threads (None: torch's default). With 1, "step_cpu_s" (the process's CPU seconds
                 of the fastest step) is the step's work alone: other processes on a loaded machine barely move it,
                 where they stretch the wall-clock "step_s" (median) by any factor.
@@ -176,6 +180,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
 
     if threads is not None:
         torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = onednn
 
     model_type = config.pop("model_type", "mixtral")
     torch.manual_seed(0)
@@ -261,6 +266,13 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
 def _mb(tensors) -> float:
     """Megabytes of distinct storage held by `tensors`."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()) / 2**20
+
+
+def onednn_for_memory(device: str, dtype: str) -> bool:
+    """Whether a memory measurement may leave oneDNN on: not for 16-bit weights on CPU, where its per-shape
+    primitive cache grows RSS with every new expert token count (see `run_step_measurement`'s `onednn`); those
+    steps then run several times slower."""
+    return not (device == "cpu" and dtype in ("bfloat16", "float16"))
 
 
 def measure_step(method: str, depth: int, **kwargs: Any) -> dict:
