@@ -162,6 +162,27 @@ def test_undo_restores_the_head_and_options_are_checked():
     assert plain._revcompile_plan.head.startswith("original (not a Hugging Face causal LM")
 
 
+def test_a_model_computing_its_own_loss_keeps_its_head():
+    """BART's decoder-only class calls CrossEntropyLoss on the logits itself, not `self.loss_function`: the probe with
+    labels sees the loss function unused, so the head stays as it is (before, its training step crashed on the
+    placeholder logits) and the loss is the model's own."""
+    from revcompile.zoo import build
+
+    model = build("bart", 2, 0)
+    ids = token_batch(model)
+    revcompile.make_reversible(model)
+    assert model._revcompile_plan.head.startswith("original (its forward computes the loss itself")
+    assert "_loss_function" not in model.__dict__  # the probe's spy is gone
+    model.train()
+    torch.manual_seed(0)  # the same dropout masks in both calls
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.manual_seed(0)
+    with revcompile.disable_inversion():
+        reference = model(ids, labels=ids).loss
+    assert torch.isfinite(loss) and rel_err(loss, reference) < 1e-10
+
+
 def test_chunked_head_alone_for_a_baseline():
     """chunked_head on an unconverted model (HF checkpointing + chunked loss in bench/maxbatch.py)."""
     model, reference = make_model("mixtral", torch.float64, layers=2), make_model("mixtral", torch.float64, layers=2)

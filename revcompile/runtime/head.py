@@ -18,7 +18,8 @@ used), `ignore_index` tokens are skipped, the sum is divided by the number of co
 `num_items_in_batch` (the Trainer's gradient accumulation), `logits_to_keep` slices the hidden states before the
 head as it slices the logits, tied embeddings get the head's gradient on the shared weight. Which transform the
 model applies between head and loss (none, or `final_logit_softcapping`) is not assumed from the config but
-checked at conversion on a probe call; a head that is not a Linear, a loss that is not ForCausalLMLoss or another
+checked at conversion on a probe call (with labels, counting the loss function's calls); a head that is not a
+Linear, a loss that is not ForCausalLMLoss, a forward that computes its loss itself (BART's causal LM) or another
 transform leaves the head as it is, with the reason in `plan.head` (`model._revcompile_plan`).
 
 Example:
@@ -254,16 +255,36 @@ def head_transform(model: nn.Module, example_inputs: Any = None) -> tuple[str | 
     if model.loss_function is not ForCausalLMLoss:
         return f"its loss_function is {getattr(model.loss_function, '__name__', model.loss_function)}, " \
                "not ForCausalLMLoss", None
-    seen = []
-    hook = head.register_forward_hook(lambda module, args, output: seen.append(output))
     args, kwargs = example_call(model, example_inputs)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not torch.is_tensor(ids):
+        return "the probe call has no input_ids to check the loss with", None
+    seen, losses = [], []
+
+    def loss_spy(*loss_args, **loss_kwargs):
+        losses.append(1)
+        return ForCausalLMLoss(*loss_args, **loss_kwargs)
+
+    # NOTE: with labels, and the loss function swapped for one that counts its calls: a model whose forward computes
+    # its loss itself (BART's decoder-only class calls CrossEntropyLoss on the logits) cannot take the chunked loss
+    hook = head.register_forward_hook(lambda module, args, output: seen.append(output))
+    previous = model.__dict__.get("_loss_function")
+    model.loss_function = loss_spy
     try:
         with torch.no_grad(), eval_mode(model):
-            logits = model(*args, **kwargs).logits
+            logits = model(*args, **dict(kwargs, labels=ids)).logits
+    except Exception as err:  # a model that cannot take labels so: its head stays as it is
+        return f"its probe call with labels failed ({type(err).__name__}: {err})", None
     finally:
         hook.remove()
+        if previous is None:
+            del model._loss_function
+        else:
+            model.loss_function = previous
     if len(seen) != 1 or logits is None:
         return f"lm_head ran {len(seen)} times in one call", None
+    if not losses:
+        return "its forward computes the loss itself, not with loss_function (ForCausalLMLoss)", None
     softcap = getattr(model.config, "final_logit_softcapping", None)
     for candidate in (None, softcap) if softcap else (None,):
         expected = seen[0] if candidate is None else torch.tanh(seen[0] / candidate) * candidate
