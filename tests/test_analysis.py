@@ -137,3 +137,6 @@ def test_only_branches_that_treat_each_sequence_alone_split_by_batch():
     rows = torch.randn(2, 8, 1, dtype=torch.float64)
     assert splits_by_sequence(per_sequence, x.repeat(2, 1, 1), [rows], BatchContext.of([rows], batch=2))
     assert not splits_by_sequence(per_sequence, x.repeat(2, 1, 1), [rows], BatchContext.of([rows], batch=3))
+    # a leaf broadcast in the call a layout was learned from may carry the batch in a later call: it is sliced then
+    learned = BatchContext.of([scale], batch=2)
+    assert learned.batched == (True,) and learned.fits([rows], 2)

@@ -60,8 +60,10 @@ class BatchContext:
 
     @classmethod
     def of(cls, context: list, batch: int) -> "BatchContext":
+        """The layout of `context` in a call with `batch` sequences. A leaf of size 1 along dimension 0 is broadcast
+        over the batch there and counts as carrying it: a later call may give it one row per sequence."""
         leaves, spec = tree_flatten(context)
-        return cls(spec, tuple(leaf.dim() >= 1 and leaf.shape[0] == batch if isinstance(leaf, torch.Tensor)
+        return cls(spec, tuple(leaf.dim() >= 1 and leaf.shape[0] in (1, batch) if isinstance(leaf, torch.Tensor)
                                else None for leaf in leaves))
 
     def fits(self, context: list, batch: int) -> bool:
