@@ -187,8 +187,10 @@ def _modules(graph: fx.Graph) -> set:
     return {n.target for n in graph.nodes if n.op == "call_module"}
 
 
-def _whole(layer: nn.Module, call: LayerCall, trace: LayerTrace, why: str) -> LayerStructure:
-    graph = whole_layer_graph_of(trace)
+def _whole(layer: nn.Module, call: LayerCall, trace: LayerTrace, why: str, graph: fx.Graph | None = None
+           ) -> LayerStructure:
+    """The layer as one branch (`graph`, the whole layer's update, cut out here unless already), classified."""
+    graph = graph or whole_layer_graph_of(trace)
     found = classify_whole(layer, trace, fx.GraphModule(layer, graph), call)
     return LayerStructure(trace, [], [graph], found.kinds, found.by_token, found.by_sequence, found.batch_context,
                           WHOLE, why)
@@ -197,7 +199,7 @@ def _whole(layer: nn.Module, call: LayerCall, trace: LayerTrace, why: str) -> La
 def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
     trace, form, chain, graphs, why = layer_branches(layer, call.args, call.kwargs)
     if form == WHOLE:
-        return _whole(layer, call, trace, why)
+        return _whole(layer, call, trace, why, graphs[0])
     found = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
     kinds, by_token, by_sequence = found.kinds, found.by_token, found.by_sequence
     if form == PARALLEL and kinds[1] == ATTENTION and kinds[0] != ATTENTION:  # attention is the first role
