@@ -9,6 +9,7 @@ Prepared for a session that is lent a GPU machine (the test suite never needs on
     python bench/gpu.py --methods revcompile --optimizer adamw-in-backward --suffix _optim_in_backward
     python bench/gpu.py --methods revcompile --recompute-chunks 4 --suffix _sliced   # recompute by slices on CUDA
     python bench/gpu.py --methods revcompile --slice-tokens 32768 --suffix _slices32k  # a CUDA slice budget to try
+    python bench/gpu.py --methods checkpointing-chunked revcompile --head liger --suffix _liger  # Liger's kernel
 
 The vocabulary is OLMoE's 50,304 unless --vocab says otherwise. revcompile chunks the LM head and loss by default;
 "checkpointing-chunked" is HF checkpointing with the same chunked loss, "revcompile-original-head" revcompile with
@@ -42,15 +43,22 @@ SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_atte
              num_experts=8, num_experts_per_tok=2, vocab_size=512, max_position_embeddings=512)
 
 
-def set_method(model: torch.nn.Module, method: str, device: str, recompute_chunks: int | None = None) -> None:
+def set_method(model: torch.nn.Module, method: str, device: str, recompute_chunks: int | None = None,
+               head: str = "chunked") -> None:
+    """Set `model` up for `method`; `head` is the kernel of the chunked loss (revcompile's and the chunked
+    baseline's): "chunked", "liger" or "cce"."""
     if revcompile.converted_layers(model) or has_chunked_head(model):
         revcompile.undo(model)
     model.gradient_checkpointing_disable()
+    ids = torch.randint(0, 100, (1, 8), device=device)
+    example = dict(input_ids=ids, use_cache=False)
     if method in ("revcompile", "revcompile-original-head"):
-        ids = torch.randint(0, 100, (1, 8), device=device)
-        revcompile.make_reversible(model, example_inputs=dict(input_ids=ids, use_cache=False),
-                                   head="original" if method == "revcompile-original-head" else "chunked",
+        revcompile.make_reversible(model, example_inputs=example,
+                                   head="original" if method == "revcompile-original-head" else head,
                                    recompute_chunks=recompute_chunks)
+    elif method == "checkpointing-chunked":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        revcompile.chunked_head(model, example_inputs=example, kernel=head)
     else:
         prepare(model, method)
 
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for method in args.methods:
         deadline = time.time() + args.budget_s / len(args.methods)
-        set_method(model, method, args.device, args.recompute_chunks)
+        set_method(model, method, args.device, args.recompute_chunks, args.head)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6) if args.optimizer == "adamw" else None
         in_backward = (revcompile.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-6)
                        if args.optimizer == "adamw-in-backward" else None)
@@ -79,7 +87,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         while batch is not None and batch <= args.max_batch and time.time() < deadline:
             ids = torch.randint(0, config.vocab_size, (batch, args.seq), device=args.device)
             row = dict(method=method, batch=batch, seq=args.seq, tokens=batch * args.seq, params_b=params / 1e9,
-                       vocab=config.vocab_size, optimizer=args.optimizer)
+                       vocab=config.vocab_size, optimizer=args.optimizer, head=args.head)
 
             def step():
                 model(ids, labels=ids).loss.backward()
@@ -135,7 +143,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     summary = [[METHOD_LABELS[m], b["batch"], b["tokens"], f"{b['tokens_per_s']:.0f}",
                 f"{b['tokens'] / plain['tokens']:.1f}x" if plain else "-"] for m, b in best.items()]
     return (f"# GPU: OLMoE-1B-7B-sized MoE, random weights, bf16 ({device})\n\n"
-            f"`python bench/gpu.py {' '.join(sys.argv[1:])}`; seq {args.seq}, "
+            f"`python bench/gpu.py {' '.join(sys.argv[1:])}`; seq {args.seq}, loss kernel {args.head!r}, "
             + (f"batches {args.batches}" if args.batches else f"batch doubled until OOM (max {args.max_batch})")
             + "; peak = max_memory_allocated above weights + gradients.\n\n"
             + tabulate(rows, headers=["method", "batch", "tokens", "step peak GB", "total peak GB", "tokens/s"],
@@ -163,6 +171,8 @@ def main() -> None:
                         "piece on CUDA): the MoE in N slices of the sequence, attention in N slices of the batch")
     parser.add_argument("--slice-tokens", type=int, help="revcompile's default slice budget on this device "
                         "(revcompile.runtime.slicing.AUTO_SLICE_TOKENS; CUDA has none: one piece), to measure one")
+    parser.add_argument("--head", choices=["chunked", "liger", "cce"], default="chunked",
+                        help="the kernel of the chunked loss, for revcompile and HF checkpointing + chunked loss")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--suffix", default="", help="appended to the result files' names")
     args = parser.parse_args()

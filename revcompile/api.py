@@ -25,7 +25,8 @@ from .errors import RevcompileError
 from .passes.residuals import PARALLEL, SEQUENTIAL, WHOLE
 from .plan import Pair, Skipped, analyze
 from .runtime.compiled import BranchCompiler
-from .runtime.head import HEADS, convert_head, has_chunked_head, head_transform, undo_head
+from .runtime.head import (FUSED_KERNELS, HEADS, check_fused_kernel, convert_head, has_chunked_head, head_transform,
+                           undo_head)
 from .runtime.layer import NEW_MODULES, LayerRuntime, disable_inversion, reversible_class, splits_by_branch
 from .runtime.streams import resolve_exact
 from .schemes import SchemeConfig, get_scheme
@@ -121,8 +122,10 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                      fp32/fp64); a stream that outgrows it raises RevcompileError naming this option.
     head:            "chunked" (default): a Hugging Face causal LM called with labels (grad enabled) computes
                      lm_head + cross-entropy in token chunks, never materialising the logits or their gradient;
-                     its output's `logits` is then None (see `revcompile/runtime/head.py`). "original": leave the
-                     head and loss as they are. `plan.head` says which ran and why.
+                     its output's `logits` is then None (see `revcompile/runtime/head.py`). "liger" / "cce": the
+                     same, by Liger-Kernel's fused linear cross-entropy or Cut Cross-Entropy (Triton, CUDA only;
+                     `pip install 'revcompile[gpu]'`). "original": leave the head and loss as they are. `plan.head`
+                     says which ran and why.
     head_chunk_tokens: tokens per chunk of the chunked head (None: a chunk's logits about the size of the hidden
                      states).
 
@@ -148,6 +151,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
         raise RevcompileError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
     if head_chunk_tokens is not None and (not isinstance(head_chunk_tokens, int) or head_chunk_tokens < 1):
         raise RevcompileError(f"head_chunk_tokens must be a positive integer or None, got {head_chunk_tokens!r}")
+    if head in FUSED_KERNELS:
+        check_fused_kernel(head, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
     plan = analyze(model, example_inputs)
     schemes = {form: chosen or get_scheme(name) for form, name in DEFAULT_SCHEMES.items()}
     exact_by_form = {form: resolve_exact(scheme, exact, exact_headroom) for form, scheme in schemes.items()}
@@ -165,7 +170,7 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
     added = [_new_modules(pair, schemes[pair.form]) for pair in new]  # all built (and validated) before any is set
     for pair, modules in zip(new, added):
         pair.module.add_module(NEW_MODULES, modules)
-    head_skipped, softcap = head_transform(model, example_inputs) if head == "chunked" else ("head='original'", None)
+    head_skipped, softcap = head_transform(model, example_inputs) if head != "original" else ("head='original'", None)
     compiler = BranchCompiler() if compile else None
     # a run is a maximal sequence of consecutive converted layers of one stack and one scheme (cut into pieces of
     # max_run): it opens and merges the streams
@@ -193,8 +198,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
         warnings.warn(CHECKPOINTING_OFF, stacklevel=3)
     plan.applied = True
     if head_skipped is None:
-        convert_head(model, softcap, head_chunk_tokens)
-    plan.head = (f"chunked (softcap {softcap:g})" if softcap else "chunked") if head_skipped is None else \
+        convert_head(model, softcap, head_chunk_tokens, head)
+    plan.head = (f"{head} (softcap {softcap:g})" if softcap else head) if head_skipped is None else \
         f"original ({head_skipped})"
     model._revcompile_plan = plan
     # parameter versions now: undo can tell whether the model was trained since (optimizer steps write in place);

@@ -8,7 +8,10 @@ Tolerances from measured differences (5 seeds x 3 families x both normalisations
 optimizer-in-backward (1e-6) bounds are the fp32 ones, not yet derived from a noise measurement over seeds.
 """
 
+import importlib.machinery
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 
 import revcompile
 from conftest import make_model, rel_err, token_batch
-from revcompile.runtime.head import chunked_cross_entropy
+from revcompile.runtime import head as head_module
+from revcompile.runtime.head import check_fused_kernel, chunked_cross_entropy
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # gemma2's softcap is small because random-init logits are (about 0.2): the tanh must matter
@@ -244,3 +248,76 @@ def test_optimizer_in_backward_trains_like_a_normal_step():
     ids = token_batch(models[1], batch=2, seq=12)
     models[1](ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in models[1].parameters())
+
+
+def fake_fused_kernels(monkeypatch):
+    """Stand-ins for liger_kernel and cut_cross_entropy (Triton, CUDA only), on the CPU: each computes what the
+    real kernel computes from the arguments it is given (the loss of softcap(linear) over non-ignored targets, with
+    the requested reduction), so a wrong argument gives a wrong loss. Returns the precision options each call got."""
+    calls = []
+
+    def loss(e, c, bias, targets, ignore_index, softcap, reduction):
+        logits = F.linear(e, c, bias)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+    def liger(input, weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
+              label_smoothing=0.0, reduction="mean", softcap=None, accum_dtype=None, **kwargs):
+        calls.append(("liger", accum_dtype))
+        return loss(input, weight, bias, target, ignore_index, softcap, reduction)
+
+    def cce(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False, filter_eps="high"):
+        calls.append(("cce", filter_eps, shift))
+        return loss(e, c, None, targets, ignore_index, softcap, reduction)
+
+    for name, attrs in {"liger_kernel": {}, "liger_kernel.transformers": {},
+                        "liger_kernel.transformers.functional": {"liger_fused_linear_cross_entropy": liger},
+                        "cut_cross_entropy": {"linear_cross_entropy": cce}}.items():
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(head_module, "FUSED_KERNEL_DEVICES", ("cuda", "cpu"))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["liger", "cce"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fused_kernels_get_hugging_face_semantics(monkeypatch, kernel, name):
+    """head="liger" / "cce" hand the kernel the shifted, flattened targets, ignore_index, softcap and a sum, and
+    divide as ForCausalLMLoss does (counted tokens or num_items_in_batch): loss and gradients equal the original
+    head's in fp64 (bound as for the chunked head). The kernels themselves (CUDA) are measured by bench/heads.py."""
+    calls = fake_fused_kernels(monkeypatch)
+    fused, original = converted(name, torch.float64, kernel), converted(name, torch.float64, "original")
+    ids, mask, labels = padded_batch(fused)
+    for items in (None, torch.tensor(13)):
+        kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
+        out, grads = step(fused, **kwargs)
+        ref, ref_grads = step(original, **kwargs)
+        assert out.logits is None and rel_err(out.loss.detach(), ref.loss.detach()) < TOL[torch.float64]
+        assert max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) < TOL[torch.float64]
+    # the precision options: fp32-or-wider weight-gradient accumulation (Liger), no gradient filtering (CCE)
+    assert calls == [("liger", torch.float64)] * 2 if kernel == "liger" else calls == [("cce", None, False)] * 2
+    assert fused._revcompile_plan.head == (f"{kernel} (softcap 0.1)" if name == "gemma2" else kernel)
+
+
+def test_fused_kernels_refuse_what_they_cannot_run(monkeypatch):
+    """A missing package (conversion), a bias for CCE (conversion) and a CPU call (the Triton kernels run on CUDA
+    only) are RevcompileErrors saying what to do, never a silent fallback."""
+    lm_head = torch.nn.Linear(8, 16)
+    for kernel, package in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(revcompile.RevcompileError, match=r"pip install 'revcompile\[gpu\]'"):
+                check_fused_kernel(kernel, lm_head)
+    fake_fused_kernels(monkeypatch)
+    with pytest.raises(revcompile.RevcompileError, match="takes no bias"):
+        check_fused_kernel("cce", lm_head)
+    check_fused_kernel("liger", lm_head)
+    monkeypatch.setattr(head_module, "FUSED_KERNEL_DEVICES", ("cuda",))
+    model = converted("mixtral", torch.float32, "liger")
+    ids = token_batch(model)
+    with pytest.raises(revcompile.RevcompileError, match="on CUDA only.*head='chunked'"):
+        model(ids, labels=ids)
+    with pytest.raises(revcompile.RevcompileError, match="kernel must be"):
+        revcompile.chunked_head(make_model("mixtral", torch.float32, layers=2), kernel="original")

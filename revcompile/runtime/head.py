@@ -25,7 +25,12 @@ transform leaves the head as it is, with the reason in `plan.head` (`model._revc
 Example:
     >>> revcompile.make_reversible(model)                  # head="chunked" by default
     >>> out = model(ids, labels=ids); out.loss.backward()  # out.logits is None: never materialised
+    >>> revcompile.make_reversible(model, head="liger")    # the same loss by Liger-Kernel's fused kernel (CUDA)
     >>> revcompile.make_reversible(model, head="original") # keep the original head and loss
+
+head="liger" (Liger-Kernel's fused linear cross-entropy) and head="cce" (Apple's Cut Cross-Entropy) run the same
+Hugging Face semantics with a maintained Triton kernel in place of `ChunkedLinearCrossEntropy`, on CUDA
+(`pip install 'revcompile[gpu]'`).
 """
 
 from __future__ import annotations
@@ -42,7 +47,12 @@ from torch import nn
 from ..capture.probe import eval_mode, example_call
 from ..errors import RevcompileError
 
-HEADS = ("chunked", "original")
+HEADS = ("chunked", "liger", "cce", "original")
+# NOTE: the maintained fused kernels are Triton, CUDA only: head="liger" or "cce" on another device is an error, not
+# a silent fallback. Which of them (or the PyTorch "chunked") is fastest on a GPU is for bench/gpu.py --head to
+# measure; until it has, "chunked" is the default everywhere.
+FUSED_KERNELS = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}  # head -> the package (revcompile[gpu] extra)
+FUSED_KERNEL_DEVICES = ("cuda",)
 
 
 MIN_CHUNK_TOKENS = 128  # below this the head is bound by reading the weight once per chunk (CPU: 4x slower at 8)
@@ -133,16 +143,58 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def check_fused_kernel(kernel: str, lm_head: nn.Module | None) -> None:
+    """RevcompileError unless head=`kernel` ("liger" or "cce") can serve this lm_head: its package is installed,
+    and for Cut Cross-Entropy, which takes no bias, the head has none."""
+    import importlib.util
+
+    module = FUSED_KERNELS[kernel].replace("-", "_")
+    if importlib.util.find_spec(module) is None:
+        raise RevcompileError(f"head={kernel!r} needs {FUSED_KERNELS[kernel]} (Triton, CUDA): pip install "
+                              f"'revcompile[gpu]', or use head='chunked' (the same loss in PyTorch, any device)")
+    if kernel == "cce" and getattr(lm_head, "bias", None) is not None:
+        raise RevcompileError("head='cce': Cut Cross-Entropy takes no bias and this lm_head has one; use "
+                              "head='liger' or head='chunked'")
+
+
+def fused_loss_sum(kernel: str, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   targets: torch.Tensor, softcap: float | None, ignore_index: int) -> torch.Tensor:
+    """The sum over tokens of cross_entropy(softcap(flat @ weight.T + bias), targets) by a maintained fused
+    kernel: Liger-Kernel's fused linear cross-entropy (kernel="liger") or Cut Cross-Entropy ("cce").
+
+    NOTE (numerics, to match ChunkedLinearCrossEntropy): Liger accumulates the weight's gradient in fp32
+    (`accum_dtype`; its default is the weight's dtype, which rounds at every chunk in bf16), and Cut Cross-Entropy
+    runs with `filter_eps=None` (its default skips softmax entries below a threshold in backward: an approximation
+    of the gradient).
+    """
+    if flat.device.type not in FUSED_KERNEL_DEVICES:
+        raise RevcompileError(f"head={kernel!r} runs {FUSED_KERNELS[kernel]}'s Triton kernel, on CUDA only; this "
+                              f"call's hidden states are on {flat.device.type} (head='chunked' computes the same "
+                              "loss in PyTorch on any device)")
+    if kernel == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(flat, weight, targets, bias, ignore_index=ignore_index,
+                                                reduction="sum", softcap=softcap,
+                                                accum_dtype=torch.promote_types(weight.dtype, torch.float32))
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(flat, weight, targets, ignore_index=ignore_index, softcap=softcap,
+                                reduction="sum", filter_eps=None)
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           labels: torch.Tensor, *, num_items_in_batch: torch.Tensor | int | None = None,
                           ignore_index: int = -100, shift_labels: torch.Tensor | None = None,
-                          softcap: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+                          softcap: float | None = None, chunk_tokens: int | None = None,
+                          kernel: str = "chunked") -> torch.Tensor:
     """Hugging Face's causal-LM loss of `softcap(linear(hidden, weight, bias))`, without the full logits.
 
     hidden (..., H) and labels (...) as the model's head and ForCausalLMLoss get them: labels are shifted left by
     one (the last position ignored) unless `shift_labels` is given; the sum of the token losses is divided by the
     number of tokens not equal to `ignore_index` (NaN when there are none, like F.cross_entropy's mean), or by
-    `num_items_in_batch` when given. chunk_tokens: tokens per chunk (default: `chunk_size`).
+    `num_items_in_batch` when given. chunk_tokens: tokens per chunk (default: `chunk_size`). kernel: "chunked"
+    (`ChunkedLinearCrossEntropy`, PyTorch) or a fused CUDA kernel, "liger" or "cce" (see `fused_loss_sum`).
 
     Example:
         >>> loss = chunked_cross_entropy(hidden, model.lm_head.weight, None, labels)
@@ -154,8 +206,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     if targets.shape[0] != flat.shape[0]:
         raise ValueError(f"labels give {targets.shape[0]} targets for {flat.shape[0]} positions of hidden states "
                          "(with logits_to_keep, pass shift_labels for the kept positions)")
-    chunk = chunk_tokens or chunk_size(flat.shape[0], weight.shape[0], weight.shape[1])
-    total = ChunkedLinearCrossEntropy.apply(flat, weight, bias, targets, softcap, ignore_index, chunk)
+    if kernel == "chunked":
+        chunk = chunk_tokens or chunk_size(flat.shape[0], weight.shape[0], weight.shape[1])
+        total = ChunkedLinearCrossEntropy.apply(flat, weight, bias, targets, softcap, ignore_index, chunk)
+    else:
+        total = fused_loss_sum(kernel, flat, weight, bias, targets, softcap, ignore_index)
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -164,13 +219,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 class HeadRuntime:
-    """What a model converted with head="chunked" needs at run time: the head, the transform checked at
-    conversion (softcap or None), the chunk size, and the hidden states recorded during a call."""
+    """What a model whose head was converted needs at run time: the head, the transform checked at conversion
+    (softcap or None), the kernel ("chunked", "liger" or "cce") and chunk size, and the hidden states recorded
+    during a call."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear, softcap: float | None, chunk_tokens: int | None):
+    def __init__(self, model: nn.Module, head: nn.Linear, softcap: float | None, chunk_tokens: int | None,
+                 kernel: str):
         self.original_class, self.head_class = _original(type(model)), _original(type(head))
         self.signature = inspect.signature(type(model).forward)
-        self.head, self.softcap, self.chunk_tokens = head, softcap, chunk_tokens
+        self.head, self.softcap, self.chunk_tokens, self.kernel = head, softcap, chunk_tokens, kernel
         self.recorded: list[torch.Tensor] | None = None  # a list while a call with labels runs
 
     def loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
@@ -181,7 +238,8 @@ class HeadRuntime:
                                f"{len(self.recorded)}; convert with head='original'")
         return chunked_cross_entropy(self.recorded.pop(), self.head.weight, self.head.bias, labels,
                                      num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-                                     shift_labels=shift_labels, softcap=self.softcap, chunk_tokens=self.chunk_tokens)
+                                     shift_labels=shift_labels, softcap=self.softcap, chunk_tokens=self.chunk_tokens,
+                                     kernel=self.kernel)
 
 
 class ChunkedHeadModel(nn.Module):
@@ -293,28 +351,34 @@ def head_transform(model: nn.Module, example_inputs: Any = None) -> tuple[str | 
     return "the model transforms lm_head's output before the loss in a way the chunked head does not know", None
 
 
-def convert_head(model: nn.Module, softcap: float | None, chunk_tokens: int | None) -> None:
+def convert_head(model: nn.Module, softcap: float | None, chunk_tokens: int | None, kernel: str = "chunked") -> None:
     """Swap in the chunked head (after `head_transform` found no reason against it); `undo_head` swaps it back."""
     lm_head = model.get_output_embeddings()
-    runtime = HeadRuntime(model, lm_head, softcap, chunk_tokens)
+    runtime = HeadRuntime(model, lm_head, softcap, chunk_tokens, kernel)
     model._revcompile_head = lm_head._revcompile_head = runtime
     model.__class__ = _subclass(ChunkedHeadModel, runtime.original_class)
     lm_head.__class__ = _subclass(ChunkedHead, runtime.head_class)
 
 
-def chunked_head(model: nn.Module, chunk_tokens: int | None = None, example_inputs: Any = None) -> nn.Module:
+def chunked_head(model: nn.Module, chunk_tokens: int | None = None, example_inputs: Any = None,
+                 kernel: str = "chunked") -> nn.Module:
     """The chunked LM head and loss alone, on a model whose layers stay as they are (in place; returns it).
 
-    For a baseline with the same loss (HF activation checkpointing + chunked loss) or a model not worth converting;
-    `revcompile.undo(model)` restores it. Raises RevcompileError saying why when the head cannot be chunked.
+    For a baseline with the same loss (HF activation checkpointing + chunked loss, or + Liger with kernel="liger")
+    or a model not worth converting; `revcompile.undo(model)` restores it. Raises RevcompileError saying why when
+    the head cannot be chunked.
 
     Example:
         >>> revcompile.chunked_head(model); model.gradient_checkpointing_enable()
     """
+    if kernel not in HEADS or kernel == "original":
+        raise RevcompileError(f"kernel must be 'chunked', 'liger' or 'cce', got {kernel!r}")
+    if kernel in FUSED_KERNELS:
+        check_fused_kernel(kernel, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
     reason, softcap = head_transform(model, example_inputs)
     if reason is not None:
         raise RevcompileError(f"cannot chunk the LM head of {type(model).__name__}: {reason}")
-    convert_head(model, softcap, chunk_tokens)
+    convert_head(model, softcap, chunk_tokens, kernel)
     return model
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session's measurements in one command (a lent device gives about 10 minutes a command, 15 in all).
+# Each part has its own time limit so that the parts before it always come back; results land in $OUT (or
+# bench/results when OUT is unset), then go to bench/results and the README by hand.
+#
+# Before the call, here (the fused-loss wheels: the device reaches no index; Triton and torch are there):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy
+# Then: run(command="bash bench/device_session.sh", carry=[".whl"], timeout_s=600)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device_session.log"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$OUT/device_session.log"
+part() {  # part SECONDS COMMAND...: run it with a limit, its output appended to the log
+    local limit=$1; shift
+    echo "== $* (limit ${limit}s)" | tee -a "$OUT/device_session.log"
+    timeout "$limit" "$@" 2>&1 | tail -n 40 | tee -a "$OUT/device_session.log"
+}
+# 1. the LM head alone by kernel (chooses head=...'s default on CUDA): HF, chunked, Liger, CCE at vocab 50k and 152k
+part 120 python3 bench/heads.py --device cuda --out "$OUT"
+# 2. the whole step at OLMoE-1B-7B size: the largest batch, revcompile and HF checkpointing + the same loss
+part 250 python3 bench/gpu.py --out "$OUT" --budget-s 220 --methods checkpointing-chunked revcompile \
+    --batches 80 120 160 200 --head liger --suffix _liger
+# 3. step time, eager and compiled, against HF checkpointing (issue 15)
+part 200 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT"
