@@ -23,6 +23,8 @@ part() {  # part SECONDS COMMAND...: run it with a limit, its output appended to
     echo "== $* (limit ${limit}s)" | tee -a "$OUT/device_session.log"
     timeout "$limit" "$@" 2>&1 | tail -n 40 | tee -a "$OUT/device_session.log"
 }
+# 0. the CUDA-only tests: the head kernels (chunked's 16-bit weight-gradient GEMM, Liger, CCE) against HF's precision
+part 90 python3 -m pytest -q -p no:cacheprovider tests/test_head.py -k cuda
 # 1. the LM head alone by kernel (chooses head=...'s default on CUDA): HF, chunked, Liger, CCE at vocab 50k and 152k
 part 120 python3 bench/heads.py --device cuda --out "$OUT"
 # 2. the whole step at OLMoE-1B-7B size: the largest batch, revcompile and HF checkpointing + the same loss

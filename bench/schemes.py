@@ -57,7 +57,8 @@ def converged_fraction(model) -> float | None:
     return solved / (solved + stored)
 
 
-PRECISIONS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("autocast", torch.float32, torch.bfloat16))
+PRECISIONS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+              ("autocast", torch.float32, torch.bfloat16))
 
 
 def precision(original, scheme: str, ids: torch.Tensor) -> dict:

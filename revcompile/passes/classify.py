@@ -57,8 +57,10 @@ def splits_by_token(branch: fx.GraphModule, x: torch.Tensor, context: list) -> b
     pieces = branch_pieces(Split(TOKEN, 2), x, context, None)
     if pieces is None:
         return False
+    # NOTE: `branch.forward`, not `branch(...)`: a GraphModule's __call__ prints the generated code's traceback to
+    # stderr before re-raising, and a branch failing on a slice here is an expected answer, not an error to show
     try:
-        parts = [branch(piece.take(x), *context) for piece in pieces]
+        parts = [branch.forward(piece.take(x), *context) for piece in pieces]
     except Exception:  # a branch that cannot run on a slice (it reads position-shaped context) is not split
         return False
     return _same(parts, out, -2)
@@ -77,8 +79,8 @@ def splits_by_sequence(branch: fx.GraphModule, x: torch.Tensor, context: list, b
                                   for leaf, batched in zip(leaves, batch.batched)], spec)
     halves = [Piece(0, slice(0, 1), batch.batched), Piece(0, slice(1, x.shape[0]), batch.batched)]
     try:
-        out = branch(x, *context)
-        parts = [branch(piece.take(x), *piece.context(context)) for piece in halves]
+        out = branch.forward(x, *context)  # (forward: see splits_by_token)
+        parts = [branch.forward(piece.take(x), *piece.context(context)) for piece in halves]
     except Exception:  # a branch that cannot run on part of a batch is not split
         return False
     return _same(parts, out, 0)

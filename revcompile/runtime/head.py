@@ -78,6 +78,25 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return (tanh * softcap).to(acc), tanh
 
 
+# torch.addmm(..., out_dtype=torch.float32): a 16-bit GEMM written to an fp32 output (CUDA, torch >= 2.8)
+_ADDMM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+
+
+def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, with `total` fp32 (or fp64) and a, b possibly 16-bit.
+
+    NOTE: on CUDA (sm80+) 16-bit operands run as one 16-bit GEMM with an fp32 output, accumulated in fp32: products
+    of 16-bit values are exact in fp32, so this equals the GEMM of the upcast operands up to summation order, on
+    tensor cores (an fp32 GEMM gets none: the upcast weight gradient was the slowest part of the head on an H200).
+    Elsewhere (no such kernel on CPU) the operands are upcast.
+    """
+    if (_ADDMM_OUT_DTYPE and total.is_cuda and total.dtype == torch.float32 and a.dtype == b.dtype
+            and a.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(total.device)[0] >= 8):
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:
+        total.addmm_(a.to(total.dtype), b.to(total.dtype))
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed `chunk` tokens at a time.
 
@@ -123,7 +142,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk] = grad @ weight
             with torch.autocast(hidden.device.type, enabled=False):
                 if need_weight:
-                    grad_weight.addmm_(grad.t().to(acc), h.to(acc))
+                    _accumulate(grad_weight, grad.t(), h)
                 if need_bias:
                     grad_bias += grad.sum(0, dtype=acc)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
