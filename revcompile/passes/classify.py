@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +53,25 @@ def _same(pieces: list[torch.Tensor], whole: torch.Tensor, dim: int) -> bool:
     return joined.shape == whole.shape and bool((joined - whole).norm() <= 1e-5 * whole.norm())
 
 
+@contextlib.contextmanager
+def _unprinted_failures():
+    """Around a branch call that may fail as an answer (a branch that cannot run on a slice).
+
+    NOTE: a GraphModule's __call__ prints the generated code's traceback to stderr before re-raising; an expected
+    failure here is not an error to show the user (it printed screens of fx code under torch.compile)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def splits_by_token(branch: fx.GraphModule, x: torch.Tensor, context: list) -> bool:
     """Does the branch give the same output when run on slices of the sequence (each slice routing its tokens)?"""
     out = branch(x, *context)
     pieces = branch_pieces(Split(TOKEN, 2), x, context, None)
     if pieces is None:
         return False
-    # NOTE: `branch.forward`, not `branch(...)`: a GraphModule's __call__ prints the generated code's traceback to
-    # stderr before re-raising, and a branch failing on a slice here is an expected answer, not an error to show
     try:
-        parts = [branch.forward(piece.take(x), *context) for piece in pieces]
+        with _unprinted_failures():
+            parts = [branch(piece.take(x), *context) for piece in pieces]
     except Exception:  # a branch that cannot run on a slice (it reads position-shaped context) is not split
         return False
     return _same(parts, out, -2)
@@ -79,8 +90,9 @@ def splits_by_sequence(branch: fx.GraphModule, x: torch.Tensor, context: list, b
                                   for leaf, batched in zip(leaves, batch.batched)], spec)
     halves = [Piece(0, slice(0, 1), batch.batched), Piece(0, slice(1, x.shape[0]), batch.batched)]
     try:
-        out = branch.forward(x, *context)  # (forward: see splits_by_token)
-        parts = [branch.forward(piece.take(x), *piece.context(context)) for piece in halves]
+        with _unprinted_failures():
+            out = branch(x, *context)
+            parts = [branch(piece.take(x), *piece.context(context)) for piece in halves]
     except Exception:  # a branch that cannot run on part of a batch is not split
         return False
     return _same(parts, out, 0)
