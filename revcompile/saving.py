@@ -26,18 +26,27 @@ from .runtime.layer import NEW_MODULES
 
 _UNSET = object()
 NOT_CALL_OPTIONS = ("options", "layers", "not_recorded")  # record entries that are not make_reversible arguments
+# make_reversible options that change how the converted model runs on this machine, not what it computes
+RUN_OPTIONS = ("head", "head_chunk_tokens", "recompute_chunks", "compile")
 
 
-def from_pretrained(path: str, **kwargs) -> nn.Module:
+def from_pretrained(path: str, *, run_options: dict | None = None, **kwargs) -> nn.Module:
     """Load a model saved from a converted one and convert it as recorded in its config.json.
 
-    kwargs go to transformers' `AutoModelForCausalLM.from_pretrained` (dtype, device_map, attn_implementation...).
-    Raises RevcompileError when the checkpoint records no conversion, records one that cannot be rebuilt (a
-    ready-made Scheme object, a non-JSON option), or converts other layers than were recorded.
+    run_options: make_reversible options to take instead of the recorded ones, among RUN_OPTIONS (how the model
+    runs here, not what it computes): a checkpoint trained with head="liger" on a GPU loads on a CPU with
+    `run_options={"head": "chunked"}`. kwargs go to transformers' `AutoModelForCausalLM.from_pretrained` (dtype,
+    device_map, attn_implementation...). Raises RevcompileError when the checkpoint records no conversion, records
+    one that cannot be rebuilt (a ready-made Scheme object, a non-JSON option), or converts other layers than were
+    recorded, and for a run option that is not one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    changes_function = sorted(set(run_options or {}) - set(RUN_OPTIONS))
+    if changes_function:
+        raise RevcompileError(f"run_options {changes_function} would change what the saved model computes; only "
+                              f"{', '.join(RUN_OPTIONS)} may differ from the recorded conversion")
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, RECORD_KEY, None)
     if not record:
@@ -50,7 +59,8 @@ def from_pretrained(path: str, **kwargs) -> nn.Module:
                               "and call revcompile.make_reversible with them yourself")
     with _ignoring_added_keys(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]):  # the added modules are loaded below
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    make_reversible(model, **{k: v for k, v in record.items() if k not in NOT_CALL_OPTIONS}, **record["options"])
+    recorded = {k: v for k, v in record.items() if k not in NOT_CALL_OPTIONS}
+    make_reversible(model, **{**recorded, **(run_options or {})}, **record["options"])
     layers = [pair.layer for pair in model._revcompile_plan.pairs]
     if layers != record["layers"]:
         raise RevcompileError(f"{path}: converting again gave layers {layers}, the checkpoint records "

@@ -59,6 +59,25 @@ def test_conversion_options_are_recorded_in_config_json(tmp_path):
     assert reloaded.model.layers[0].revcompile_modules.adapter_f.down.out_features == 4
 
 
+def test_run_options_override_the_recorded_ones_on_reload(tmp_path):
+    """A checkpoint converted with one head and slicing reloads with others (a GPU's head="liger" on a CPU, say);
+    an option that changes what the model computes cannot be overridden."""
+    model = revcompile.make_reversible(make_model("mixtral", torch.float32, layers=2), head="original",
+                                       recompute_chunks=2)
+    model.save_pretrained(tmp_path)
+    as_saved = revcompile.from_pretrained(str(tmp_path), **TINY_KERNELS)
+    assert as_saved._revcompile_plan.head.startswith("original")
+    reloaded = revcompile.from_pretrained(str(tmp_path), run_options={"head": "chunked", "recompute_chunks": 1},
+                                          **TINY_KERNELS)
+    assert reloaded._revcompile_plan.head == "chunked"
+    assert {split.chunks for layer in revcompile.converted_layers(as_saved)
+            for split in layer._revcompile.splits.values()} == {2}
+    assert {split.chunks for layer in revcompile.converted_layers(reloaded)
+            for split in layer._revcompile.splits.values()} == {1}
+    with pytest.raises(revcompile.RevcompileError, match="would change what the saved model computes"):
+        revcompile.from_pretrained(str(tmp_path), run_options={"max_run": 1})
+
+
 def test_from_pretrained_of_an_unconverted_checkpoint_is_a_clear_error(tmp_path):
     make_model("mixtral", torch.float32, layers=2).save_pretrained(tmp_path)
     with pytest.raises(revcompile.RevcompileError, match="records no revcompile conversion"):
