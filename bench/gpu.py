@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import revcompile  # noqa: E402
-from revcompile.measure import METHOD_LABELS, prepare  # noqa: E402
+from revcompile.measure import METHOD_LABELS, PhasePeaks, prepare  # noqa: E402
 from revcompile.models import tiny_config, tiny_model_from_config  # noqa: E402
 from revcompile.runtime.head import has_chunked_head  # noqa: E402
 
@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row.update(ok=True, step_s=step_s, tokens_per_s=batch * args.seq / step_s,
                            peak_gb=((torch.cuda.max_memory_allocated() - base) / 2**30) if cuda else None,
                            total_peak_gb=(torch.cuda.max_memory_allocated() / 2**30) if cuda else None)
+                if cuda:  # one more step, its peak split by phase (the optimizer's step counts in the last)
+                    phases = PhasePeaks(model, base, cuda=True)
+                    step()
+                    row.update({k.replace("_mb", "_gb"): v / 1024 for k, v in phases.finish().items()})
             except torch.OutOfMemoryError:
                 row.update(ok=False)
             finally:
@@ -132,9 +136,11 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     from tabulate import tabulate
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    phases = ("layers_forward_gb", "kept_gb", "head_gb", "layers_backward_gb")
     rows = [[METHOD_LABELS[r["method"]], r["batch"], r["tokens"], "OOM" if not r["ok"] else f"{r['peak_gb']:.1f}"
              if r["peak_gb"] is not None else "-", f"{r['total_peak_gb']:.1f}" if r.get("total_peak_gb") else "-",
-             f"{r['tokens_per_s']:.0f}" if r["ok"] else "-"] for r in results]
+             f"{r['tokens_per_s']:.0f}" if r["ok"] else "-",
+             *(f"{r[p]:.1f}" if p in r else "-" for p in phases)] for r in results]
     best = {}
     for r in results:
         if r["ok"] and r["batch"] >= best.get(r["method"], {}).get("batch", 0):
@@ -145,8 +151,12 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     return (f"# GPU: OLMoE-1B-7B-sized MoE, random weights, bf16 ({device})\n\n"
             f"`python bench/gpu.py {' '.join(sys.argv[1:])}`; seq {args.seq}, loss kernel {args.head!r}, "
             + (f"batches {args.batches}" if args.batches else f"batch doubled until OOM (max {args.max_batch})")
-            + "; peak = max_memory_allocated above weights + gradients.\n\n"
-            + tabulate(rows, headers=["method", "batch", "tokens", "step peak GB", "total peak GB", "tokens/s"],
+            + "; peak = max_memory_allocated above weights + gradients."
+            + " Split of one more step by phase (GB above weights + gradients): the layers' forward peak, what the "
+            "layers keep when the LM head starts, the head's peak (its forward and backward), the layers' backward "
+            "peak (and the optimizer's step).\n\n"
+            + tabulate(rows, headers=["method", "batch", "tokens", "step peak GB", "total peak GB", "tokens/s",
+                                      "layers' forward", "kept at the head", "head", "layers' backward"],
                        tablefmt="github")
             + "\n\nLargest batch that fit, and its throughput:\n\n"
             + tabulate(summary, headers=["method", "batch", "tokens/step", "tokens/s", "tokens/step vs plain"],

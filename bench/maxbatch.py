@@ -151,7 +151,8 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
     notes = [f"sequence fixed at {args.seq} tokens; tokens / step = batch x {args.seq}; {how}",
              f"cap {args.cap_mb:g} MB on the step's peak above the pre-step level: weights and gradients "
              "(allocated before the step) are not counted",
-             "split of one measured step (peak RSS by phase, above the pre-step level): the peak of the layers' "
+             f"split of one measured step (peak {'max_memory_allocated' if args.device.startswith('cuda') else 'RSS'} "
+             "by phase, above the pre-step level): the peak of the layers' "
              "forward; what the layers keep for backward when the LM head starts; the head's working set (peak from "
              "the head's forward to the gradient of its input, minus what was kept); the peak of the layers' backward "
              "after it",

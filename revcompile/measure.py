@@ -128,21 +128,27 @@ def reset_peak_rss() -> None:
 
 
 class PhasePeaks:
-    """Peak RSS of a CPU training step by phase, above `before`: the layers' forward (until the LM head starts),
+    """Peak memory of a training step by phase, above `before`: the layers' forward (until the LM head starts),
     the head (its forward and backward, until the gradient of its input exists) and the layers' backward; `kept`
-    is what the step holds when the head starts (what the layers keep for backward)."""
+    is what the step holds when the head starts (what the layers keep for backward). Peak RSS on CPU,
+    torch.cuda.max_memory_allocated on CUDA (the allocator's counters: read without a synchronisation)."""
 
-    def __init__(self, model: torch.nn.Module, before: int):
+    def __init__(self, model: torch.nn.Module, before: int, cuda: bool = False):
         self.before, self.peaks = before, {}
+        if cuda:
+            self.peak, self.now = torch.cuda.max_memory_allocated, torch.cuda.memory_allocated
+            self.reset = torch.cuda.reset_peak_memory_stats
+        else:
+            self.peak, self.now, self.reset = (lambda: rss_bytes("VmHWM")), (lambda: rss_bytes("VmRSS")), reset_peak_rss
         self.handle = model.get_output_embeddings().register_forward_pre_hook(self._head_starts)
 
     def _mark(self, phase: str) -> None:
-        self.peaks[phase] = (rss_bytes("VmHWM") - self.before) / 2**20
-        reset_peak_rss()
+        self.peaks[phase] = (self.peak() - self.before) / 2**20
+        self.reset()
 
     def _head_starts(self, module, args) -> None:
         self._mark("layers_forward_mb")
-        self.peaks["kept_mb"] = (rss_bytes("VmRSS") - self.before) / 2**20
+        self.peaks["kept_mb"] = (self.now() - self.before) / 2**20
         if args[0].requires_grad:
             args[0].register_hook(lambda grad: self._mark("head_mb"))
 
@@ -161,7 +167,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
     pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
     warmup_batch: the batch of the warm-up step (None: `batch`); a smaller one saves time, gradients are
                 allocated all the same.
-    split:      (CPU) also report the first step's peak by phase (PhasePeaks: layers' forward, head, layers'
+    split:      also report the first step's peak by phase (PhasePeaks: layers' forward, head, layers'
                 backward) and the bytes of weights, gradients and optimizer state.
     optimizer:  None: forward and backward only, gradients kept allocated; "adamw": each step also runs
                 AdamW.step() and zero_grad(); "adamw-in-backward": AdamW stepped in backward
@@ -233,7 +239,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         gc.collect()
         before = rss_bytes("VmRSS")
         reset_peak_rss()
-    phases = PhasePeaks(model, before) if split and not cuda else None
+    phases = PhasePeaks(model, before, cuda) if split else None
     times, cpu_times = [], []
     loss = None
     for i in range(steps):
