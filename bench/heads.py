@@ -5,7 +5,7 @@ loss and of the gradients of the hidden states and the weight against an fp64 co
 that chooses `make_reversible(model, head=...)`'s default on a device.
 
     python bench/heads.py --device cuda                 # bf16, 16,384 tokens, hidden 2048, vocab 50,304 and 151,936
-    python bench/heads.py                               # CPU: fp32, 2,048 tokens, hidden 256, vocab 32,000
+    python bench/heads.py                               # CPU: fp32, 2,048 tokens, hidden 256, vocab 32,000, 151,936
     python bench/heads.py --small --out /tmp/h          # a dry run of the script
 
 Each kernel runs in a child process (one kernel's allocations never colour another's). Memory is the peak above
@@ -38,7 +38,7 @@ KERNELS = ("original", "chunked", "liger", "cce")
 LABELS = {"original": "Hugging Face (logits materialised)", "chunked": "revcompile chunked (PyTorch)",
           "liger": "Liger-Kernel fused linear CE", "cce": "Cut Cross-Entropy"}
 SIZES = {"cuda": dict(tokens=16384, hidden=2048, vocabs=[50304, 151936], dtype="bfloat16"),
-         "cpu": dict(tokens=2048, hidden=256, vocabs=[32000], dtype="float32")}
+         "cpu": dict(tokens=2048, hidden=256, vocabs=[32000, 151936], dtype="float32")}
 SMALL = dict(tokens=256, hidden=64, vocabs=[1000], dtype="float32")
 
 
