@@ -28,7 +28,9 @@ part 90 python3 -m pytest -q -p no:cacheprovider tests/test_head.py -k cuda
 # 1. the LM head alone by kernel (chooses head=...'s default on CUDA): HF, chunked, Liger, CCE at vocab 50k and 152k
 part 120 python3 bench/heads.py --device cuda --out "$OUT"
 # 2. the whole step at OLMoE-1B-7B size: the largest batch, revcompile and HF checkpointing + the same loss
+#    (Liger's kernel where its wheel came along, else the chunked PyTorch one)
+HEAD=$(python3 -c "import liger_kernel" 2>/dev/null && echo liger || echo chunked)
 part 250 python3 bench/gpu.py --out "$OUT" --budget-s 220 --methods checkpointing-chunked revcompile \
-    --batches 80 120 160 200 --head liger --suffix _liger
+    --batches 80 120 160 200 --head "$HEAD" --suffix "_$HEAD"
 # 3. step time, eager and compiled, against HF checkpointing (issue 15)
 part 200 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT"
