@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +56,15 @@ def _same(pieces: list[torch.Tensor], whole: torch.Tensor, dim: int) -> bool:
 
 @contextlib.contextmanager
 def _unprinted_failures():
-    """Around a branch call that may fail as an answer (a branch that cannot run on a slice).
+    """Around a branch call that may fail as an answer (a branch that cannot run on a slice): what it writes to
+    stderr is kept back, and dropped if it fails.
 
     NOTE: a GraphModule's __call__ prints the generated code's traceback to stderr before re-raising; an expected
     failure here is not an error to show the user (it printed screens of fx code under torch.compile)."""
-    with contextlib.redirect_stderr(io.StringIO()):
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
         yield
+    sys.stderr.write(held.getvalue())  # the call succeeded: its warnings, if any, are the user's
 
 
 def splits_by_token(branch: fx.GraphModule, x: torch.Tensor, context: list) -> bool:
