@@ -119,6 +119,23 @@ def test_why_a_layer_converts_whole_is_said_in_the_users_words(family, words):
                                                               "dominates", "placeholder"))
 
 
+def test_a_branch_failing_on_a_slice_says_no_quietly(capsys):
+    """A traced branch that cannot run on half the tokens (a shape baked in) is not split, and fx's printout of the
+    generated code's traceback (GraphModule.__call__ prints it before re-raising) does not reach the user."""
+    from torch import fx
+
+    from revcompile.passes.classify import splits_by_token
+
+    class Fixed(torch.nn.Module):
+        def forward(self, h):
+            return h.reshape(1, 8, 4) * 2
+
+    branch = fx.symbolic_trace(Fixed())
+    x = torch.randn(1, 8, 4)
+    assert not splits_by_token(branch, x, [])
+    assert "eval_with_key" not in capsys.readouterr().err
+
+
 def test_only_branches_that_treat_each_sequence_alone_split_by_batch():
     """splits_by_sequence runs a branch on two halves of a batch (a probe batch of one is doubled): a branch that
     mixes sequences, or one whose context row is taken for the wrong sequence, is not split."""
