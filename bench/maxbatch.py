@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -191,7 +192,7 @@ def report(results: list[dict], optimizer_runs: list[dict], args: argparse.Names
 def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
     """Bar chart of tokens per step at the largest batch, one bar a method."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [METHOD_LABELS[r["method"]] for r in results]
+    labels = [textwrap.fill(METHOD_LABELS[r["method"]], 22) for r in results]
     tokens = [r["batch"] * args.seq for r in results]
     bars = ax.bar(labels, tokens, color=[f"C{HEAD_METHODS.index(r['method'])}" for r in results])
     ax.bar_label(bars, [f"batch {r['batch']}" for r in results])
