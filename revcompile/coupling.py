@@ -108,6 +108,23 @@ def tolerance_bound(output: torch.Tensor, tol: float | None) -> float:
     return tol * (1 + float(output.abs().max()))
 
 
+def weighted_sum(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """sum of c * t over `terms` [(t, c), ...], in one new buffer (a single term with c = 1 is returned as is).
+
+    NOTE: the terms are added into that buffer in place: a temporary per term made the merge at a run's last layer
+    the forward's memory peak. `add(t, alpha=c)` rounds as `+ c * t` did, because the merges' coefficients (1, -1,
+    0.5) scale exactly.
+
+    Example:
+        >>> weighted_sum([(q, 1.0), (p, 1.0), (h0, -1.0)])  # q + p - h0
+    """
+    (first, c0), *rest = terms
+    total = None if c0 == 1 else first * c0
+    for t, c in rest:
+        total = torch.add(first, t, alpha=c) if total is None else total.add_(t, alpha=c)
+    return first if total is None else total
+
+
 def fixed_point(step: Step, after: Mapping[str, torch.Tensor], branch: Callable[[Mapping[str, torch.Tensor]], Any],
                 tol: float | None, max_iters: int) -> FixedPointResult:
     """x[target] before an implicit step, given the state `after` it: iterate `x <- undo(after, branch(x))`.
@@ -227,11 +244,7 @@ class Scheme:
     def merge_streams(self, x: Mapping[str, Any]) -> Any:
         if self.merge is None:
             return torch.cat([x[s] for s in self.streams], dim=-1)
-        total = None
-        for s, c in self.merge.items():
-            term = x[s] if c == 1 else c * x[s]
-            total = term if total is None else total + term
-        return total
+        return weighted_sum([(x[s], c) for s, c in self.merge.items()])
 
     def merge_grad(self, g: Any) -> dict[str, Any]:
         if self.merge is None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..coupling import Scheme, Step
+from ..coupling import Scheme, Step, weighted_sum
 from ..errors import RevcompileError
 
 INT_FOR = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64,
@@ -254,14 +254,9 @@ class ExactStreams(FloatStreams):
         return old if step.scale == 1 else -old
 
     def merge(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = None
-        for s, c in self.scheme.merge.items():
-            value = state[s]
-            value = self.fmt.dequantize(value, self.fmt.arithmetic) if s in self.integers \
-                else value.to(self.fmt.arithmetic)
-            term = value if c == 1 else c * value
-            total = term if total is None else total + term
-        return total.to(self.fmt.dtype)
+        values = [(self.fmt.dequantize(state[s], self.fmt.arithmetic) if s in self.integers
+                   else state[s].to(self.fmt.arithmetic), c) for s, c in self.scheme.merge.items()]
+        return weighted_sum(values).to(self.fmt.dtype)
 
     def unopen(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         # a stream that kept the input holds it exactly; an integer stream holds it on the grid
