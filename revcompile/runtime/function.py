@@ -276,31 +276,39 @@ class ReversibleCoupling(torch.autograd.Function):
             router_grads = grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]] \
                 if grad_router_logits and call.router_counts[k] else ()
             reads = [arithmetic.view(streams, s) for s in step.reads]
+            grads = step.transpose(grads)  # (g_out is taken: the branch's own terms are added below)
             if len(parts) == 1:
                 out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, router_grads)
+                if not step.implicit:
+                    # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions
+                    streams[step.target].copy_(arithmetic.undo(step, streams, out))
+                for stream, g_read in zip(step.reads, g_reads):
+                    if g_read is not None:
+                        grads[stream] = grads[stream] + g_read
+                del out, g_reads
             else:  # a branch recomputed in the forward's slices: its working set shrinks
-                out, chunk_sum = torch.empty_like(g_out), _GradSum(len(wrt))
-                g_reads = [torch.zeros_like(read) for read in reads]
+                # NOTE: slice by slice, with no stream-sized buffer for the branch's output or its input gradients:
+                # each slice's input gradients are added into one copy of each read stream's gradient, and its
+                # step is undone on its rows once its graph is gone (no saved tensor sees the buffer any more).
+                # Every element still gets one addition, so the sums are the whole-branch ones, bit for bit.
+                sums, chunk_sum = {stream: grads[stream].clone() for stream in step.reads}, _GradSum(len(wrt))
                 # NOTE: last slice first, the order in which autograd runs the slices' backward in the reference:
                 # a parameter's gradient is the sum of the slices' terms, and fp32 sums of 3+ terms depend on it
                 for piece, replay in reversed(parts):
                     o, g, w = _branch_vjp(call, step, replay, [piece.take(read) for read in reads], context,
                                           wrt, piece.take(g_out), piece=piece)
-                    piece.put(out, o)
-                    for total, part in zip(g_reads, g):
+                    for stream, part in zip(step.reads, g):
                         if part is not None:
-                            piece.put(total, part)
+                            piece.add(sums[stream], part)
+                    if not step.implicit:
+                        piece.put(streams[step.target],
+                                  arithmetic.undo(step, {name: piece.take(v) for name, v in streams.items()}, o))
                     chunk_sum.add(w)
+                    del o, g, w
+                grads.update(sums)
                 g_wrt = chunk_sum.grads
-            if not step.implicit:
-                # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions
-                streams[step.target].copy_(arithmetic.undo(step, streams, out))
-            grads = step.transpose(grads)
-            for stream, g_read in zip(step.reads, g_reads):
-                if g_read is not None:
-                    grads[stream] = grads[stream] + g_read
             accumulated.add(g_wrt)
-            del out, reads, g_reads, g_wrt
+            del reads, g_wrt
         call.replays = call.stored = None
         # a permuting scheme leaves the rebuilt streams out of order in the buffer: the previous layer gets a copy
         rebuilt = packed if scheme.output_order is None else arithmetic.pack(streams)

@@ -100,6 +100,10 @@ class Piece:
         else:
             whole[..., self.index, :] = part
 
+    def add(self, whole: torch.Tensor, part: torch.Tensor) -> None:
+        """whole[piece] += part, in place."""
+        (whole[self.index] if self.dim == 0 else whole[..., self.index, :]).add_(part)
+
     def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts, dim=self.dim)
 
