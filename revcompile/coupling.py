@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -108,21 +108,27 @@ def tolerance_bound(output: torch.Tensor, tol: float | None) -> float:
     return tol * (1 + float(output.abs().max()))
 
 
-def weighted_sum(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+def weighted_sum(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
     """sum of c * t over `terms` [(t, c), ...], in one new buffer (a single term with c = 1 is returned as is).
 
-    NOTE: the terms are added into that buffer in place: a temporary per term made the merge at a run's last layer
-    the forward's memory peak. `add(t, alpha=c)` rounds as `+ c * t` did, because the merges' coefficients (1, -1,
-    0.5) scale exactly.
+    NOTE: the terms are added into that buffer in place, and taken one at a time (a generator of terms made on the
+    fly holds one of them at once): a temporary per term made the merge at a run's last layer the forward's memory
+    peak. `add(t, alpha=c)` rounds as `+ c * t` did, because the merges' coefficients (1, -1, 0.5) scale exactly.
 
     Example:
         >>> weighted_sum([(q, 1.0), (p, 1.0), (h0, -1.0)])  # q + p - h0
     """
-    (first, c0), *rest = terms
-    total = None if c0 == 1 else first * c0
-    for t, c in rest:
-        total = torch.add(first, t, alpha=c) if total is None else total.add_(t, alpha=c)
-    return first if total is None else total
+    terms = iter(terms)
+    first, c0 = next(terms)
+    total, owned = (first, False) if c0 == 1 else (first * c0, True)
+    del first
+    for t, c in terms:
+        if owned:
+            total.add_(t, alpha=c)
+        else:
+            total, owned = torch.add(total, t, alpha=c), True
+        del t  # before the generator makes the next one
+    return total
 
 
 def fixed_point(step: Step, after: Mapping[str, torch.Tensor], branch: Callable[[Mapping[str, torch.Tensor]], Any],

@@ -254,9 +254,9 @@ class ExactStreams(FloatStreams):
         return old if step.scale == 1 else -old
 
     def merge(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        values = [(self.fmt.dequantize(state[s], self.fmt.arithmetic) if s in self.integers
-                   else state[s].to(self.fmt.arithmetic), c) for s, c in self.scheme.merge.items()]
-        return weighted_sum(values).to(self.fmt.dtype)
+        values = ((self.fmt.dequantize(state[s], self.fmt.arithmetic) if s in self.integers
+                   else state[s].to(self.fmt.arithmetic), c) for s, c in self.scheme.merge.items())
+        return weighted_sum(values).to(self.fmt.dtype)  # (a generator: one dequantized stream at a time)
 
     def unopen(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         # a stream that kept the input holds it exactly; an integer stream holds it on the grid
