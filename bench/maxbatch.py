@@ -224,10 +224,18 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON (run with the same "
                         "options) instead of measuring")
+    parser.add_argument("--spot", type=int, nargs="+", help="only measure these batches of each method (one JSON "
+                        "line a run, nothing written): to check a bracket after a change without a search")
     parser.add_argument("--resume", help="--search: continue an earlier run's searches (its JSON) that stopped "
                         "before closing, up to --max-runs runs per method in all")
     args = parser.parse_args()
 
+    if args.spot:  # a bracket checked without a search: one JSON line a run, nothing written
+        for method in args.methods:
+            for batch in args.spot:
+                run = measure(method, batch, args)
+                print(json.dumps(dict(run, fits=run["peak_mb"] <= args.cap_mb)), flush=True)
+        return
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
