@@ -292,6 +292,7 @@ class ReversibleCoupling(torch.autograd.Function):
                 # step is undone on its rows once its graph is gone (no saved tensor sees the buffer any more).
                 # Every element still gets one addition, so the sums are the whole-branch ones, bit for bit.
                 sums, chunk_sum = {stream: grads[stream].clone() for stream in step.reads}, _GradSum(len(wrt))
+                undo_reads = (step.target, *(source for source, _ in step.mix))  # what undoing the step reads
                 # NOTE: last slice first, the order in which autograd runs the slices' backward in the reference:
                 # a parameter's gradient is the sum of the slices' terms, and fp32 sums of 3+ terms depend on it
                 for piece, replay in reversed(parts):
@@ -302,7 +303,7 @@ class ReversibleCoupling(torch.autograd.Function):
                             piece.add(sums[stream], part)
                     if not step.implicit:
                         piece.put(streams[step.target],
-                                  arithmetic.undo(step, {name: piece.take(v) for name, v in streams.items()}, o))
+                                  arithmetic.undo(step, {name: piece.take(streams[name]) for name in undo_reads}, o))
                     chunk_sum.add(w)
                     del o, g, w
                 grads.update(sums)
