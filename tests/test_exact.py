@@ -137,6 +137,16 @@ def test_a_stream_that_outgrows_the_grid_raises_never_wraps():
     roomy(ids).float().sum().backward()
 
 
+def test_a_branch_output_that_is_not_finite_raises_never_becomes_an_integer():
+    """A nan from a branch (the model's own overflow) has no integer: it must raise, not enter the stream as one."""
+    model = plain(torch.bfloat16)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    with torch.no_grad():
+        norms[1].weight.fill_(float("nan"))  # the second branch's input norm: its output is nan
+    with pytest.raises(RevcompileError, match="not finite"):
+        model.train()(token_batch(model, seq=16))
+
+
 def test_eval_runs_the_same_integer_arithmetic():
     """Inference of an exact model gives the training forward's output (the reference's), bit for bit."""
     model = revcompile.make_reversible(make_model("qwen3_moe", torch.bfloat16, layers=3, use_cache=False))

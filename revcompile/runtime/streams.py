@@ -50,8 +50,8 @@ MAX_SHIFT = 120  # 2**±120 stays a normal number in float32, the arithmetic typ
 class FixedPoint:
     """One run's fixed-point grid: a stream value is `V * 2**-shift` with V of `int_dtype`; branches see `dtype`.
 
-    overflow is a flag on the device (no host synchronisation per step), set when a step's result may leave the
-    integer range; `raise_if_overflowed` reads it once per run.
+    overflow is the largest bound on a step's result so far, a 0-d tensor on the device (no host synchronisation
+    per step); `raise_if_overflowed` compares it with the integer range once per run.
     """
 
     shift: int
@@ -74,7 +74,7 @@ class FixedPoint:
         bits = torch.iinfo(int_dtype).bits - 1
         exponent = math.frexp(peak)[1] if peak > 0 else 1  # peak < 2**exponent
         shift = max(-MAX_SHIFT, min(MAX_SHIFT, bits - headroom - exponent))
-        return cls(shift, int_dtype, h.dtype, headroom, torch.zeros((), dtype=torch.bool, device=h.device))
+        return cls(shift, int_dtype, h.dtype, headroom, torch.zeros((), dtype=torch.float64, device=h.device))
 
     @property
     def arithmetic(self) -> torch.dtype:
@@ -85,28 +85,52 @@ class FixedPoint:
     def limit(self) -> float:
         return float(2 ** (torch.iinfo(self.int_dtype).bits - 1))
 
+    def on_grid(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """round(scale * x * 2**shift), still a float: its range is checked before it becomes an integer, as a float
+        out of the integer range has no integer to convert to.
+
+        NOTE: a bf16 x scaled by a power of two stays in bf16: the product is exact (bf16 has float32's exponent
+        range), and so is rounding it, so the integers are those of the float32 route without its stream-sized
+        temporary and its conversion kernel. Another scale, or fp16 (whose range 2**shift would leave), goes
+        through `arithmetic`.
+        """
+        x = x.detach()
+        if x.dtype != torch.bfloat16 or math.frexp(abs(scale))[0] != 0.5:
+            x = x.to(self.arithmetic)
+        return torch.round(x * (scale * 2.0 ** self.shift))
+
     def quantize(self, x: torch.Tensor, scale: float = 1.0, check: bool = True) -> torch.Tensor:
         """round(scale * x * 2**shift) as integers; flags a value outside the range (unless `check` is False: undo
         subtracts values that forward already checked)."""
-        y = torch.round(x.detach().to(self.arithmetic) * (scale * 2.0 ** self.shift))
+        y = self.on_grid(x, scale)
         if check:
-            self.flag(_magnitude(y))
+            self.flag(_float_magnitude(y))
         return y.to(self.int_dtype)
 
     def dequantize(self, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (v.to(self.arithmetic) * 2.0 ** -self.shift).to(dtype or self.dtype)
+        dtype = dtype or self.dtype
+        # NOTE: into bf16 (or fp32, fp64) directly, then scaled there: every integer of the stream is in bf16's range,
+        # the product with a power of two is exact (the scaled values are far from subnormals), and an integer
+        # becomes a bf16 through float32 either way: the bits of scaling in float32 first, one kernel and one
+        # stream-sized float32 temporary fewer. fp16 (largest value 65504) takes the float32 route.
+        if torch.finfo(dtype).max < 2.0 ** 64:
+            return (v.to(self.arithmetic) * 2.0 ** -self.shift).to(dtype)
+        return v.to(dtype).mul_(2.0 ** -self.shift)
 
     def flag(self, bound: torch.Tensor) -> None:
-        """Record that a result bounded by `bound` (a 0-d tensor, in grid units) may not fit."""
-        self.overflow |= bound.to(torch.float64) >= self.limit
+        """Record that a result bounded by `bound` (a 0-d float64 tensor, in grid units; nan from a branch output
+        that was not finite) may not fit. One kernel: the run keeps the largest bound, nan once it saw one."""
+        self.overflow = torch.maximum(self.overflow, bound)
 
     def raise_if_overflowed(self) -> None:
-        if bool(self.overflow):
+        if not bool(self.overflow < self.limit):  # (nan compares False)
             raise RevcompileError(
-                f"exact streams: a reversible stream left the {str(self.int_dtype).replace('torch.', '')} range. The "
-                f"run's grid was chosen from its input's largest value with {self.headroom} bits of room for growth; "
-                f"pass make_reversible(..., exact_headroom={self.headroom + 8}) (a coarser grid, more room), or "
-                "max_run=k for shorter runs, or exact=False")
+                f"exact streams: a reversible stream left the {str(self.int_dtype).replace('torch.', '')} range, or a "
+                "branch returned a value that is not finite (inf or nan). The run's grid was chosen from its input's "
+                f"largest value with {self.headroom} bits of room for growth; pass make_reversible(..., "
+                f"exact_headroom={self.headroom + 8}) (a coarser grid, more room), or max_run=k for shorter runs, or "
+                "exact=False; a branch output that is not finite is the model's own overflow: it would reach the "
+                "loss as nan without revcompile")
 
     # a float stream travels beside the integer ones as its bits, widened to the integer type
     def to_bits(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,10 +260,12 @@ class ExactStreams(FloatStreams):
         return state[stream] if stream in self.integers else self.fmt.quantize(state[stream])
 
     def apply(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        delta = self.fmt.quantize(out, step.branch_scale)
+        scaled = self.fmt.on_grid(out, step.branch_scale)
         target = state[step.target]
         new = target if step.scale == 1 else -target
-        bound = _magnitude(target) + _magnitude(delta)
+        bound = _magnitude(target) + _float_magnitude(scaled)  # (bounds the delta too: checked once, as a sum)
+        delta = scaled.to(self.fmt.int_dtype)
+        del scaled
         for source, coeff in step.mix:
             value = self._integer(state, source)
             new = new + int(coeff) * value
@@ -293,6 +319,14 @@ class ExactStreams(FloatStreams):
 
 
 def _magnitude(v: torch.Tensor) -> torch.Tensor:
-    """max |v| as a 0-d float64 tensor on v's device (no temporary of v's size)."""
+    """max |v| of an integer stream as a 0-d float64 tensor on v's device (no temporary of v's size).
+
+    NOTE: -low wraps only for the type's minimum, which a stream holds only after a step already flagged.
+    """
     low, high = torch.aminmax(v)
-    return torch.maximum(low.double().abs(), high.double().abs())
+    return torch.maximum(-low, high).to(torch.float64)
+
+
+def _float_magnitude(y: torch.Tensor) -> torch.Tensor:
+    """max |y| of a float tensor as a 0-d float64 tensor (nan if y holds one), in one reduction."""
+    return torch.linalg.vector_norm(y, math.inf).to(torch.float64)
