@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in one command (a lent device gives about 10 minutes a command, 15 in all).
-# Each part has its own time limit so that the parts before it always come back; results land in $OUT (or
-# bench/results when OUT is unset), then go to bench/results and the README by hand.
+# Each part has its own time limit, and the limits add up to 540 s, under the 600 s of one command, so that every
+# part comes back; results land in $OUT (or bench/results when OUT is unset), then go to bench/results and the
+# README by hand.
 #
 # Before the call, here (the fused-loss wheels: the device reaches no index; Triton and torch are there):
 #   echo /.whl/ >> .git/info/exclude
@@ -24,13 +25,14 @@ part() {  # part SECONDS COMMAND...: run it with a limit, its output appended to
     timeout "$limit" "$@" 2>&1 | tail -n 40 | tee -a "$OUT/device_session.log"
 }
 # 0. the CUDA-only tests: the head kernels (chunked's 16-bit weight-gradient GEMM, Liger, CCE) against HF's precision
-part 90 python3 -m pytest -q -p no:cacheprovider tests/test_head.py -k cuda
+part 60 python3 -m pytest -q -p no:cacheprovider tests/test_head.py -k cuda
 # 1. the LM head alone by kernel (chooses head=...'s default on CUDA): HF, chunked, Liger, CCE at vocab 50k and 152k
-part 120 python3 bench/heads.py --device cuda --out "$OUT"
+part 100 python3 bench/heads.py --device cuda --out "$OUT"
 # 2. the whole step at OLMoE-1B-7B size: the largest batch, revcompile and HF checkpointing + the same loss
 #    (Liger's kernel where its wheel came along, else the chunked PyTorch one)
 HEAD=$(python3 -c "import liger_kernel" 2>/dev/null && echo liger || echo chunked)
-part 250 python3 bench/gpu.py --out "$OUT" --budget-s 220 --methods checkpointing-chunked revcompile \
+part 210 python3 bench/gpu.py --out "$OUT" --budget-s 185 --methods checkpointing-chunked revcompile \
     --batches 80 120 160 200 --head "$HEAD" --suffix "_$HEAD"
 # 3. step time, eager and compiled, against HF checkpointing (issue 15)
-part 200 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT"
+part 170 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT" \
+    --methods plain compiled checkpointing checkpointing-compiled revcompile revcompile-compiled revcompile-backend
