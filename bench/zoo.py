@@ -5,7 +5,7 @@
 
 Per family (revcompile/zoo.py): converted (layers, layer form, scheme, gradient error relative to the largest
 reference gradient, and its bound), skipped (the plan's reasons), not built (transformers' own error for the tiny
-config), or a crash or mismatch (defects).
+config, or a loss that is not finite), or a crash or mismatch (defects).
 """
 
 from __future__ import annotations

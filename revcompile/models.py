@@ -7,10 +7,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 # Per-family overrides that make a config tiny (a few layers, width 64) while keeping its structure:
 # DeepSeek-V3 keeps dense first layers, GLM-4-MoE and Qwen2-MoE keep shared experts, GPT-OSS keeps its
@@ -33,17 +34,45 @@ _TINY: dict[str, dict] = {
     "llama": dict(head_dim=16),
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(_TINY)
+# Dots3-Note's sliding-window layers take their sizes from swa_* fields; its queries and keys have as many heads.
+_DOTS3_TEXT = dict(num_key_value_heads=4, swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16,
+                   swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16)
+# Per-family fields beyond the rules by name (the zoo's families): what a default config lacks to build tiny and run
+# (released checkpoints set these), keyed by model_type, a sub-config's too. A tuple is a per-layer pattern,
+# repeated over the layers asked for.
+_FIXES: dict[str, dict] = {
+    "axk2": dict(topk_group=None),  # ungrouped routing (n_group=None) takes no topk_group
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # NOTE: transformers' defaults have no rope_theta, and clip_qkv=None, which the attention clamps with
+    "dbrx": dict(attn_config=dict(rope_theta=500000.0, clip_qkv=8), ffn_config=dict(moe_top_k=2)),
+    "dory": dict(n_input_layers=1, n_output_layers=1, n_recurrent_layers=None),  # these three add up to the layers
+    "dots3_note_text": _DOTS3_TEXT,
+    # the text fields at the top level, as in checkpoints; the adapters project onto the text width
+    "dots3_note": _DOTS3_TEXT | dict(vision_config=dict(adapter_out_dim=64), audio_config=dict(adapter_out_dim=64)),
+    "dots3_note_audio_encoder": dict(adapter_input_size=64),
+    "dots3_note_vision_encoder": dict(pyramid_num_routed=(-1,), adapter_in_dim=64),  # dense (experts for 42 layers)
+    # the MoE variant (26B-A4B): the dense default is the text family's (gemma4_text)
+    "gemma4": dict(text_config=dict(enable_moe_block=True, moe_intermediate_size=32)),
+    "lfm2_moe": dict(layer_types=("conv", "full_attention")),  # no default: checkpoints list them
+    "mamba2": dict(head_dim=32),  # heads * head_dim must be expand * hidden_size
+    "zamba2": dict(layers_block_type=("linear_attention", "hybrid")),  # its default is 54 layers, whatever the count
+}
+# The common size fields of a tiny config.
+_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, max_position_embeddings=256)
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def _shrunk_sizes(model_type: str) -> dict:
-    """Small values for the size fields of a family's default config, found by name (no list of families).
+def _shrunk_sizes(fields: dict) -> dict:
+    """Small values for the size fields of a config's `to_dict()`, found by name (no list of families).
 
     Example:
-        >>> _shrunk_sizes("qwen3_next")["num_experts"], _shrunk_sizes("qwen3_next")["linear_key_head_dim"]
+        >>> fields = AutoConfig.for_model("qwen3_next").to_dict()
+        >>> _shrunk_sizes(fields)["num_experts"], _shrunk_sizes(fields)["linear_key_head_dim"]
         (4, 16)
     """
     small = {}
-    for name, value in AutoConfig.for_model(model_type).to_dict().items():
+    for name, value in fields.items():
         if name == "head_dim" and value is None:  # some families derive it from the full-size width: set by tiny_config
             small[name] = None
         if "rotary_dim" in name and isinstance(value, int) and value > 8:  # rotary features of a head (GPT-J)
@@ -64,40 +93,105 @@ def _shrunk_sizes(model_type: str) -> dict:
             small[name] = 16
         elif ("intermediate_size" in name or "ffn_hidden_size" in name) and name != "intermediate_size":
             small[name] = 32
-        elif "vocab_size" in name:
+        elif "vocab" in name:  # vocab_size, vocab_size_per_layer_input, a hashed byte-group vocabulary (BLT)
             small[name] = 128
-        elif "num" in name and "heads" in name and "key_value" not in name:
-            small[name] = min(value, 4)
+        elif "num" in name and "heads" in name and name != "num_key_value_heads":
+            small[name] = min(value, 2 if "key_value" in name else 4)  # (num_key_value_heads: one of _SIZES)
         elif name.endswith("_layers") and "window" not in name and value > 2:  # encoder_layers, decoder_layers
             small[name] = 2
         elif name.endswith(("hidden_size_per_layer_input", "d_state", "state_size")) and value > 16:
             small[name] = 16
+        elif name.startswith("hidden_size_") and value > 64:  # the width of another stack (BLT's global one)
+            small[name] = 64
     if "qk_head_dim" in small:  # derived: nope + rope
         small["qk_head_dim"] = small.get("qk_nope_head_dim", 8) + small.get("qk_rope_head_dim", 8)
+    if "qk_rope_head_dim" in small and fields.get("head_dim") == fields["qk_rope_head_dim"]:
+        small["head_dim"] = small["qk_rope_head_dim"]  # latent attention whose rotary embedding takes head_dim
     return small
+
+
+def _fixes(model_type: str, layers: int) -> dict:
+    """The family's `_FIXES`, its per-layer patterns repeated over `layers` layers.
+
+    Example:
+        >>> _fixes("lfm2_moe", 3)["layer_types"]
+        ['conv', 'full_attention', 'conv']
+    """
+    return {name: [value[i % len(value)] for i in range(layers)] if isinstance(value, tuple) else value
+            for name, value in _FIXES.get(model_type, {}).items()}
+
+
+def _tiny_sub_configs(config: PretrainedConfig, sizes: dict) -> dict:
+    """Fields for the sub-configs of `config` (text_config, vision_config, attn_config, ...) still full-size: the
+    size fields shrunk by name as at the top level, and the common ones (`_SIZES`) and `sizes` (the layers asked
+    for, the caller's overrides) where a sub-config has them, never above its own; {} where all are tiny already.
+
+    Example:
+        >>> sorted(_tiny_sub_configs(AutoConfig.for_model("llama4"), {"num_hidden_layers": 3}))
+        ['text_config', 'vision_config']
+    """
+    tiny = {}
+    for name, sub in vars(config).items():
+        if not isinstance(sub, PretrainedConfig):
+            continue
+        fields = sub.to_dict()
+        small = _shrunk_sizes(fields)
+        for k, v in (_SIZES | sizes).items():
+            own = fields.get(k)
+            if type(own) is int:
+                small[k] = min(v, own)
+            elif isinstance(own, list) and all(type(x) is int for x in own):  # per layer (Gemma-3n's widths)
+                small[k] = v
+        vocab = small.get("vocab_size", fields.get("vocab_size"))
+        if vocab is not None:  # token ids beyond the tiny vocabulary
+            small.update({k: v for k, v in _TOKENS.items() if type(fields.get(k)) is int and fields[k] >= vocab})
+        small.update(_fixes(sub.model_type, small.get("num_hidden_layers", 0)))
+        small.update(_tiny_sub_configs(sub, sizes))
+        if any(fields.get(k) != v for k, v in small.items()):
+            # NOTE: the fields it derives from others (declared None: layer_types, moe_layers, a width; the
+            # per-layer overrides of a heterogeneous config) are left out, so that it derives them again from the
+            # tiny sizes and the layers asked for, as at the top level
+            derived = {f.name for f in dataclasses.fields(sub) if f.default is None} | {"per_layer_config"}
+            tiny[name] = {k: v for k, v in fields.items() if k not in derived} | small
+    return tiny
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     """A small config of `model_type` (a transformers model_type such as "mixtral"), no download.
 
     Unknown families still work when transformers knows them: the common size fields, and the size fields of the
-    family's default config found by name (`_shrunk_sizes`), are shrunk.
+    family's default config found by name (`_shrunk_sizes`), are shrunk, in its sub-configs too (`_tiny_sub_configs`).
+
+    Example:
+        >>> config = tiny_config("qwen3_5_moe", num_hidden_layers=3)
+        >>> config.text_config.hidden_size, config.text_config.num_hidden_layers, config.text_config.num_experts
+        (64, 3, 4)
     """
-    base = _shrunk_sizes(model_type)
-    base.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                attn_implementation="eager", experts_implementation="eager")
+    base = _shrunk_sizes(AutoConfig.for_model(model_type).to_dict())
+    base.update(_SIZES, tie_word_embeddings=False, **_TOKENS, attn_implementation="eager",
+                experts_implementation="eager")
     if "kv_lora_rank" in base:  # multi-head latent attention (DeepSeek-V2): its keys are per head, never shared
         base["num_key_value_heads"] = base["num_attention_heads"]
     base.update(_TINY.get(model_type, {}))
+    layers = overrides.get("num_hidden_layers", base["num_hidden_layers"])
+    base.update(_fixes(model_type, layers))
     base.update(overrides)
     if model_type == "gpt_neo":  # its layer pattern, [[types, repeats]], must cover exactly the layers asked for
         base.setdefault("attention_types", [[["global"], base["num_hidden_layers"]]])
     if "head_dim" in base and base["head_dim"] is None:
         base["head_dim"] = base["hidden_size"] // base["num_attention_heads"]
     attn, experts = base.pop("attn_implementation"), base.pop("experts_implementation")
+    sizes = {"num_hidden_layers": layers, **overrides}
+    # NOTE: by their own names: a config sets aliased fields (hidden_size for DBRX's d_model) only after its
+    # __post_init__, which would copy the full-size value into a sub-config (DBRX's ffn_config.hidden_size)
+    aliases = CONFIG_MAPPING[model_type].attribute_map
+    base = {aliases.get(k, k): v for k, v in base.items()}
     config = AutoConfig.for_model(model_type, **base)
+    # NOTE: built first from the top-level fields alone: some composite configs hand them to a sub-config (Fuyu's
+    # text_config), which is then tiny already
+    sub_configs = _tiny_sub_configs(config, sizes)
+    if sub_configs:
+        config = AutoConfig.for_model(model_type, **(base | sub_configs))
     config._attn_implementation = attn
     config._experts_implementation = experts  # eager runs in every dtype; grouped_mm has no float64 kernel
     return config
@@ -133,4 +227,6 @@ def tiny_model_from_config(config: PretrainedConfig) -> torch.nn.Module:
     try:
         return AutoModelForCausalLM.from_config(config)
     except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):  # the model's own objection to its config
+            raise
         raise ValueError(f"model_type {config.model_type!r} has no causal-LM class in transformers") from err

@@ -8,7 +8,7 @@ the same converted model under `disable_inversion()`. The outcome is one of
 - mismatch:    they do not (a defect),
 - crashed:     conversion or the step raised (a defect),
 - skipped:     no layer converts; the plan's reasons say why,
-- not built:   the tiny config or model cannot be built (the error is shown).
+- not built:   the tiny config or model cannot be built, or its float64 loss is not finite (the error is shown).
 
 Example:
     >>> from revcompile.zoo import causal_lm_families, run_family
@@ -151,7 +151,8 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
         ids = torch.randint(3, model.get_input_embeddings().num_embeddings, (2, 8),
                             generator=torch.Generator().manual_seed(seed + 1))
         with torch.no_grad():
-            _loss(model, ids)
+            if not torch.isfinite(_loss(model, ids)):  # no reference to compare with
+                raise ValueError("the tiny model's float64 loss is not finite")
     except Exception as err:  # a config or model transformers itself cannot build tiny, or run in float64
         return ZooResult(family, NOT_BUILT, reason=_first_line(err))
     try:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from revcompile.coupling import Step
-from revcompile.zoo import BOUND, CONVERTED, MISMATCH, NOT_BUILT, SKIPPED, causal_lm_families, run_family
+from revcompile.zoo import (BOUND, CONVERTED, MAX_PARAMETERS, MISMATCH, NOT_BUILT, SKIPPED, build, causal_lm_families,
+                            run_family)
 
 # one family per layer form and per case that used to fail: sequential MoE; the MoE whose `.view` of a sequence
 # slice crashed backward (flex_olmo); parallel residual (phi); post-norm (openai-gpt) and extra outputs (bloom),
@@ -51,6 +52,18 @@ def test_whole_layer_schemes_on_families(family, scheme):
 def test_parallel_layers_with_each_scheme(scheme):
     result = run_family("cohere", scheme)
     assert result.status == CONVERTED and result.forms == {"parallel": result.layers}, result.reason
+    assert result.error <= BOUND[result.bound]
+
+
+# MoE families whose size lies in sub-configs: Qwen3.5-MoE's and Llama 4's text_config beside a vision_config,
+# DBRX's attn_config and ffn_config (whose defaults also lack fields, `models._FIXES`); LFM2-MoE's layer pattern
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "llama4", "dbrx", "lfm2_moe"])
+def test_moe_families_with_sub_configs_build_tiny_and_convert(family):
+    model = build(family)
+    assert sum(p.numel() for p in model.parameters()) < MAX_PARAMETERS / 10
+    assert any(type(m).__name__.endswith("Experts") for m in model.modules())  # still a mixture of experts
+    result = run_family(family)
+    assert result.status == CONVERTED and result.converted == result.layers == 3, result.reason
     assert result.error <= BOUND[result.bound]
 
 
