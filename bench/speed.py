@@ -59,7 +59,9 @@ LARGE_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled",
 SMALL = dict(CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, batch=2, seq=32)
 EAGER = ("plain", "checkpointing", "selective", "revcompile", "revcompile-unchunked", "revcompile-float",
-         "revcompile-reference")  # FlopCounterMode and the op count see these
+         "revcompile-reference", "checkpointing-chunked", "revcompile-original-head")  # FlopCounterMode, op count
+# the layers alone: revcompile and HF checkpointing with the same LM head (its chunked one, or HF's)
+SAME_HEAD = (("revcompile", "checkpointing-chunked"), ("revcompile-original-head", "checkpointing"))
 COMPILED = ("compiled", "checkpointing-compiled", "revcompile-compiled", "revcompile-backend")
 PROFILED = ("plain", "checkpointing", "revcompile", "revcompile-unchunked", "compiled", "checkpointing-compiled",
             "revcompile-backend")
@@ -269,6 +271,11 @@ def report(result: dict, stem: str, command: str) -> str:
             value, low, high = paired_ratio(times, method, versus)
             goals.append(f"{METHOD_LABELS[method]} / {METHOD_LABELS[versus]}: {value:.3f} (90 % interval "
                          f"{low:.3f}-{high:.3f}; goal <= {limit:.2f}: {verdict(low, high, limit)})")
+    for method, versus in SAME_HEAD:
+        if method in median and versus in median:
+            value, low, high = paired_ratio(times, method, versus)
+            goals.append(f"{METHOD_LABELS[method]} / {METHOD_LABELS[versus]}: {value:.3f} (90 % interval "
+                         f"{low:.3f}-{high:.3f}; the same LM head: the layers alone)")
     if "revcompile-unchunked" in median and "checkpointing" in median:
         goals.append(f"{METHOD_LABELS['revcompile-unchunked']} / {METHOD_LABELS['checkpointing']}: "
                      f"{median['revcompile-unchunked'] / median['checkpointing']:.2f} (the MoE recompute in one piece: "

@@ -30,7 +30,7 @@ METHODS = ("plain", "checkpointing", "selective", "revcompile")
 # more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in 4 slices
 SPEED_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled", "selective", "revcompile",
                  "revcompile-unchunked", "revcompile-compiled", "revcompile-backend", "revcompile-float",
-                 "revcompile-reference")
+                 "revcompile-reference", "checkpointing-chunked", "revcompile-original-head")
 # the whole step at a real vocabulary (bench/maxbatch.py): baselines with their default loss and with the chunked one
 HEAD_METHODS = ("plain", "checkpointing", "checkpointing-chunked", "revcompile-original-head", "revcompile")
 METHOD_LABELS = {
