@@ -136,22 +136,23 @@ class Trainer:
         self.model.zero_grad(set_to_none=False)
         return elapsed
 
+    def _step_under(self, mode):
+        """One training step run under a counting mode (FLOPs, operators); gradients zeroed after it."""
+        with mode:
+            self.forward(self.ids, labels=self.ids).loss.backward()
+        self.model.zero_grad(set_to_none=False)
+        return mode
+
     def flops(self) -> int:
         """FLOPs of one training step (torch's counter knows `addmm`, not the in-place `addmm_` that the chunked
         head accumulates its weight gradient with: counted here alike)."""
         counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         counter.mod_tracker = _Global()
-        with counter:
-            self.forward(self.ids, labels=self.ids).loss.backward()
-        self.model.zero_grad(set_to_none=False)
-        return counter.get_total_flops()
+        return self._step_under(counter).get_total_flops()
 
     def op_count(self) -> int:
         """Aten operators of one training step that compute (`_OpCounter`)."""
-        with _OpCounter() as counter:
-            self.forward(self.ids, labels=self.ids).loss.backward()
-        self.model.zero_grad(set_to_none=False)
-        return counter.count
+        return self._step_under(_OpCounter()).count
 
     def layer_forward_flops(self) -> int:
         """FLOPs of the decoder layers in one forward (what a recompute of every layer costs)."""
@@ -241,6 +242,7 @@ def paired_ratio(times: dict[str, list[float]], method: str, versus: str) -> tup
 
 
 def verdict(low: float, high: float, limit: float) -> str:
+    """A goal `ratio <= limit` judged on the ratio's interval (low, high)."""
     return "met" if high <= limit else "MISSED" if low > limit else "not separable from the goal at this noise"
 
 
