@@ -106,7 +106,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                      Each run opens the streams from h and merges them back, and keeps its last output for
                      backward: shorter runs cost one stored state each but bound how far reconstruction error
                      compounds (MEFT, bf16), and make function-changing schemes closer to the original
-                     (symplectic with max_run=1 is exactly the original model).
+                     (with max_run=1, symplectic on sequential layers and midpoint on whole ones compute exactly
+                     the original model: bench/zoo.py checks it for every family).
     recompute_chunks: backward recomputes an FFN/MoE branch that acts token by token this many slices of the
                      sequence at a time, and attention (any branch that treats each sequence alone) this many slices
                      of the batch (forward runs the same slices), dividing their working set; None: by device,
@@ -172,10 +173,11 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
         pair.module.add_module(NEW_MODULES, modules)
     head_skipped, softcap = head_transform(model, example_inputs) if head != "original" else ("head='original'", None)
     compiler = BranchCompiler() if compile else None
-    # a run is a maximal sequence of consecutive converted layers of one stack and one scheme (cut into pieces of
-    # max_run): it opens and merges the streams
+    # a run is a maximal sequence of consecutive converted layers of one stack and one scheme, ending where the
+    # model reads a layer's output itself (cut into pieces of max_run): it opens and merges the streams
     runs = [[pair for _, pair in run] for _, run in groupby(
         enumerate(plan.pairs), key=lambda ip: (ip[1].stack, ip[1].index - ip[0], ip[1].scheme))]
+    runs = [piece for run in runs for piece in _cut_after_read_outputs(run)]
     if max_run is not None:
         runs = [run[i:i + max_run] for run in runs for i in range(0, len(run), max_run)]
     for run in runs:
@@ -191,7 +193,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                                                                      recompute_chunks),
                                              batch_context=pair.structure.batch_context, compiler=compiler,
                                              exact=exact_by_form[pair.form], exact_headroom=exact_headroom,
-                                             form=pair.form, outputs=outputs)
+                                             form=pair.form, outputs=outputs,
+                                             traced_training=pair.structure.trace.training)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     if any(pair.module.__dict__.get("gradient_checkpointing") for pair in plan.pairs):
@@ -207,6 +210,17 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
     loaded_trained = getattr(getattr(model, "config", None), RECORD_KEY, None) is not None
     model._revcompile_baseline = None if loaded_trained else [p._version for p in model.parameters()]
     return model
+
+
+def _cut_after_read_outputs(run: list[Pair]) -> list[list[Pair]]:
+    """A run cut after each layer whose output the model also reads itself (it must hand on a hidden state)."""
+    pieces, current = [], []
+    for pair in run:
+        current.append(pair)
+        if pair.read_elsewhere:
+            pieces.append(current)
+            current = []
+    return pieces + [current] if current else pieces
 
 
 def _new_modules(pair: Pair, scheme: Scheme) -> nn.ModuleDict:

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_layer
+from .capture.probe import eval_mode
 from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .distributed import ORDER, refuse_wrapped
 from .errors import RevcompileError
@@ -68,6 +69,8 @@ class Pair:
     call: LayerCall = field(repr=False)
     structure: LayerStructure = field(repr=False)
     scheme: str | None = None  # the scheme make_reversible converted it with
+    # what else reads this layer's output (probe.Stack.read_elsewhere): its run ends here, handing on a hidden state
+    read_elsewhere: str = ""
 
     @property
     def form(self) -> str:
@@ -108,6 +111,9 @@ class Plan:
         if any(p.structure.why_whole for p in self.pairs):
             headers.append("why whole layer")
             rows = [row + [p.structure.why_whole] for row, p in zip(rows, self.pairs)]
+        if any(p.read_elsewhere for p in self.pairs):
+            headers.append("output also read by (a run ends here)")
+            rows = [row + [p.read_elsewhere] for row, p in zip(rows, self.pairs)]
         runtimes = [getattr(p.module, "_revcompile", None) for p in self.pairs]
         if any(rt is not None and rt.scheme.implicit for rt in runtimes):  # converted with fixed-point inversion
             headers.append("fixed point (forwards so far)")
@@ -254,7 +260,13 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
             key = structure_key(layer, call)
             if key not in structures:
                 try:
-                    structures[key] = _analyze_layer(layer, call)
+                    # NOTE: in eval mode: a layer's own `F.dropout(training=self.training)` is traced as a constant
+                    # (LayerTrace's NOTE), and random branches would fail the classifier's token and sequence checks
+                    # (BioGPT's FFN came out as "attention" in training mode): a plan made in training mode differed
+                    # from the same model's in eval mode, so a checkpoint reloaded by from_pretrained (eval mode)
+                    # converted otherwise. The layers trace again on their first call in training.
+                    with eval_mode(layer):
+                        structures[key] = _analyze_layer(layer, call)
                 except RevcompileError as reason:
                     structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
                 except Exception as err:  # a layer the passes do not understand is reported, never half-converted
@@ -273,5 +285,6 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                 continue
             pairs.append(Pair(names[layer], stack.name, index, tuple(found.kinds),
                               tuple(found.branch_modules(i) for i in range(len(found.branch_graphs))),
-                              tuple(r.scale for r in found.chain) or (None,), layer, call, found))
+                              tuple(r.scale for r in found.chain) or (None,), layer, call, found,
+                              read_elsewhere=stack.read_elsewhere.get(index, "")))
     return Plan([s.name for s in stacks], pairs, skipped, len(structures))

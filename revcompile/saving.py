@@ -57,8 +57,10 @@ def from_pretrained(path: str, *, run_options: dict | None = None, **kwargs) -> 
         raise RevcompileError(f"{path} was converted with options that could not be recorded "
                               f"({', '.join(record['not_recorded'])}): load it with transformers' from_pretrained "
                               "and call revcompile.make_reversible with them yourself")
-    with _ignoring_added_keys(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]):  # the added modules are loaded below
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model_class = _causal_lm_class(config, path)
+    with _ignoring_added_keys(model_class):  # the added modules are loaded below
+        model = (AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else model_class
+                 ).from_pretrained(path, **kwargs)
     recorded = {k: v for k, v in record.items() if k not in NOT_CALL_OPTIONS}
     make_reversible(model, **{**recorded, **(run_options or {})}, **record["options"])
     layers = [pair.layer for pair in model._revcompile_plan.pairs]
@@ -80,6 +82,26 @@ def from_pretrained(path: str, *, run_options: dict | None = None, **kwargs) -> 
                                   f"({len(missing)} missing, e.g. {missing[0]})")
         model.load_state_dict({file_names[name]: tensor for name, tensor in saved.items()}, strict=False)
     return model
+
+
+def _causal_lm_class(config, path: str) -> type:
+    """The class AutoModelForCausalLM loads `config` with, or else the transformers class config.json's
+    `architectures` names: a causal LM whose config is a text sub-config (Emu3's, Mllama's) is not in the
+    auto-mapping, and AutoModelForCausalLM cannot load it from a directory."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        model_class = getattr(transformers, name, None)
+        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+            return model_class
+    raise RevcompileError(f"{path}: transformers has no causal LM class for {type(config).__name__} (config.json "
+                          f"names {getattr(config, 'architectures', None)}); load the model with its class and call "
+                          "revcompile.make_reversible with the options its config records under "
+                          f"{RECORD_KEY!r}")
 
 
 @contextmanager

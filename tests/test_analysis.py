@@ -1,5 +1,7 @@
 """The analysis passes: pairs per family, skipped layers and their reasons, one trace per layer structure."""
 
+import copy
+
 import pytest
 import torch
 
@@ -157,3 +159,80 @@ def test_only_branches_that_treat_each_sequence_alone_split_by_batch():
     # a leaf broadcast in the call a layout was learned from may carry the batch in a later call: it is sliced then
     learned = BatchContext.of([scale], batch=2)
     assert learned.batched == (True,) and learned.fits([rows], 2)
+
+
+class ReadsMidStack(PlainLM):
+    """Its loop also reads block 1's output itself (a summary added before the head), as Inkling2 reads every
+    sixth layer's input."""
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 1:
+                summary = x.mean(1, keepdim=True)
+        return self.head(self.norm(x + summary))
+
+
+class TapsMidStack(PlainLM):
+    """Hands block 1's output to a module of another list (`taps`), whose output joins the head's input."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.taps = torch.nn.ModuleList([torch.nn.Linear(32, 32)])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 1:
+                tapped = self.taps[0](x)
+        return self.head(self.norm(x + tapped))
+
+
+@pytest.mark.parametrize("model_class, reader", [(ReadsMidStack, "the model's own code (mean)"),
+                                                  (TapsMidStack, "taps.0's call")])
+def test_an_output_the_model_reads_itself_ends_a_run(model_class, reader):
+    """Block 1 must hand on a hidden state, not packed streams (which broadcast into logits of another shape): the
+    converted model equals one whose runs were cut there by hand (max_run=2), in outputs and in gradients."""
+    from conftest import loss_and_grads
+
+    torch.manual_seed(0)
+    model = model_class(depth=4).double()
+    by_hand = copy.deepcopy(model)
+    revcompile.make_reversible(model, "symplectic")
+    revcompile.make_reversible(by_hand, "symplectic", max_run=2)
+    assert [p.read_elsewhere for p in model._revcompile_plan.pairs] == ["", reader, "", ""]
+    assert "output also read by (a run ends here)" in str(model._revcompile_plan)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), by_hand.eval()(ids))
+    model.train(), by_hand.train()
+    _, nodes, grads = loss_and_grads(model, ids, reference=False)
+    _, _, expected = loss_and_grads(by_hand, ids, reference=False)
+    assert nodes == 4 and grads.keys() == expected.keys()
+    assert all(torch.equal(grads[n], expected[n]) for n in expected)
+
+
+class SwapsOnFirstCall(torch.nn.Module):
+    """Replaces its dropout on its first call, in its own mode, as BigBird replaces its attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop, self.swapped = torch.nn.Identity(), False
+
+    def forward(self, x):
+        if not self.swapped:
+            self.drop, self.swapped = torch.nn.Dropout(0.5).train(self.training), True
+        return self.drop(x)
+
+
+def test_a_module_created_during_the_probe_gets_its_parents_mode_back():
+    """The probe runs in eval mode: a module the model creates then must not stay in eval (BigBird's attention
+    dropout stayed off in training after conversion)."""
+    from revcompile.capture.probe import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), SwapsOnFirstCall()).train()
+    with eval_mode(model):
+        model(torch.ones(1, 2))
+    assert isinstance(model[1].drop, torch.nn.Dropout) and model[1].drop.training

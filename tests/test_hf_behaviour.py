@@ -2,6 +2,7 @@
 generation with a KV cache, save/load round trips, Trainer, mixed precision, and check()."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -163,6 +164,8 @@ def test_save_pretrained_round_trip(tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     model.save_pretrained(tmp_path)
+    # the original class name, by which serving engines (vLLM) pick the model class
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
     loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager",
                                          experts_implementation="eager")
     assert set(loaded.state_dict()) == set(model.state_dict())
@@ -251,3 +254,43 @@ def test_check_rejects_a_batch_the_model_cannot_take():
         revcompile.check(model, torch.zeros(2, 8))  # float ids
     with pytest.raises(revcompile.RevcompileError, match="converted by revcompile"):
         revcompile.check(make_model("mixtral"), token_batch(model))
+
+
+@pytest.mark.parametrize("converted_in", ["eval", "train"])
+def test_dropout_in_a_layers_own_code_follows_the_mode_it_runs_in(converted_in):
+    """OPT's decoder layer calls `F.dropout(h, p, training=self.training)` itself, which a trace holds as a
+    constant: the converted layer must drop out in training and not in eval, whatever mode it was converted in
+    (`from_pretrained` hands over a model in eval mode). With max_run=1 the converted OPT is the original function:
+    its losses equal the original's, with the same dropout draws (both modes, both ways round; HF's loss is float32)."""
+    from revcompile.models import tiny_model
+
+    original = tiny_model("opt", dtype=torch.float64, num_hidden_layers=2)  # dropout 0.1
+    model = getattr(copy.deepcopy(original), converted_in)()
+    revcompile.make_reversible(model, max_run=1)
+    ids = token_batch(model, batch=2, seq=16)
+    losses = {}
+    for mode in ("train", "eval", "train"):
+        for m in (model, original):
+            getattr(m, mode)()
+        torch.manual_seed(0)
+        expected = original(ids, labels=ids).loss
+        torch.manual_seed(0)
+        losses[mode] = model(ids, labels=ids).loss
+        assert rel_err(losses[mode], expected) < 1e-6, mode
+    assert rel_err(losses["train"], losses["eval"]) > 1e-3  # dropout did something in training
+
+
+def test_a_causal_lm_whose_config_is_a_text_sub_config_reloads(tmp_path):
+    """Emu3's causal LM saves an Emu3TextConfig, which AutoModelForCausalLM cannot load from a directory:
+    revcompile.from_pretrained loads it with the class config.json names and converts it again, logits exact."""
+    from revcompile.models import tiny_model
+
+    model = revcompile.make_reversible(tiny_model("emu3", dtype=torch.float64, num_hidden_layers=2)).eval()
+    ids = token_batch(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = revcompile.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager")
+    assert type(loaded).__name__ == "Emu3ForCausalLM" and loaded._revcompile_plan.applied
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, logits)

@@ -5,6 +5,12 @@ one returned: Hugging Face's `for decoder_layer in self.layers`, or a plain `for
 not matter. The recorded calls (arguments, keyword arguments, outputs) tell the tracer each layer's call signature
 and give the analysis passes real values to classify branches with.
 
+NOTE: outputs read elsewhere. Converted layers hand each other packed reversible streams, not hidden states, so a
+layer's output may only go to the next layer. Some models also read it themselves (Inkling2 stacks the input of
+every sixth layer into a list of block states); the probe watches every torch function that runs outside the
+stack's layers and the arguments of every call of a list's child made outside them, and `Stack.read_elsewhere`
+names, per layer, what else read its output: a reversible run must end at that layer.
+
 Example:
     >>> stacks = find_stacks(model, example_call(model))
     >>> stacks[0].name, len(stacks[0].layers)
@@ -14,11 +20,13 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from ..errors import RevcompileError
 
@@ -41,6 +49,7 @@ class Stack:
     name: str
     layers: nn.ModuleList
     calls: list[LayerCall]
+    read_elsewhere: dict[int, str] = field(default_factory=dict)  # layer index -> what else read its output
 
 
 def default_example(model: nn.Module) -> tuple[tuple, dict[str, Any]]:
@@ -87,6 +96,12 @@ def eval_mode(model: nn.Module):
     finally:
         for m, training in modes.items():
             m.training = training
+        # NOTE: a module created inside the block (BigBird replaces its attention on its first call, in the mode of
+        # its parent) takes its parent's restored mode: left in eval, its dropout would be off in training
+        for parent in model.modules():
+            for child in parent.children():
+                if child not in modes:
+                    child.train(parent.training)
 
 
 def _first_tensor(value: Any) -> Any:
@@ -95,16 +110,66 @@ def _first_tensor(value: Any) -> Any:
     return value
 
 
+def _function_name(func) -> str:
+    """`unsqueeze`, or `.dtype` for an attribute's getter."""
+    name = getattr(func, "__name__", str(func))
+    return f".{func.__self__.__name__}" if name == "__get__" and hasattr(func, "__self__") else name
+
+
+class _ReadsOutsideLayers(TorchFunctionMode):
+    """Records the tensors torch functions read while no child of a ModuleList is running (`depth` 0), by id, with
+    the function's name. Neither a function that returns its input itself (`.to()` to where it is) nor `.device`
+    (the streams live where the hidden state does) reads anything that packed streams would change."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0
+        self.read: dict[int, tuple[torch.Tensor, str]] = {}  # (the tensor is kept: ids stay unique)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.depth == 0 and _function_name(func) != ".device":
+            for value in tree_flatten((args, kwargs))[0]:
+                if isinstance(value, torch.Tensor) and value is not result:
+                    self.read.setdefault(id(value), (value, _function_name(func)))
+        return result
+
+
+def _read_elsewhere(record: list[LayerCall], reads: _ReadsOutsideLayers,
+                    outer_calls: list[tuple[nn.Module, LayerCall]], names: dict[nn.Module, str]) -> dict[int, str]:
+    """Per layer of a stack but the last: what read its output besides the next layer (a torch function outside
+    the layers, or the call of a list's child that no layer ran, as another stack's)."""
+    found = {}
+    for i, call in enumerate(record[:-1]):
+        out = _first_tensor(call.output)
+        if id(out) in reads.read:
+            found[i] = f"the model's own code ({reads.read[id(out)][1]})"
+            continue
+        for module, other in outer_calls:
+            values = tree_flatten((other.args[1:], other.kwargs) if other is record[i + 1] else
+                                  (other.args, other.kwargs))[0]
+            if any(value is out for value in values):
+                found[i] = f"{names.get(module, type(module).__name__)}'s call"
+                break
+    return found
+
+
 def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list[Stack]:
     """Run `model(*args, **kwargs)` once (eval mode, no grad) and return the layer stacks it used, in order."""
     calls: dict[nn.Module, list[LayerCall]] = {}
+    outer_calls: list[tuple[nn.Module, LayerCall]] = []  # the calls made while no list's child was running
     handles = []
+    reads = _ReadsOutsideLayers()
 
     def record_input(module, args, kwargs):
         calls.setdefault(module, []).append(LayerCall(args, kwargs, None))
+        if reads.depth == 0:
+            outer_calls.append((module, calls[module][-1]))
+        reads.depth += 1
 
     def record_output(module, args, kwargs, output):
         calls[module][-1].output = output
+        reads.depth -= 1
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     for _, modules in lists:
@@ -112,7 +177,7 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
             handles.append(child.register_forward_pre_hook(record_input, with_kwargs=True))
             handles.append(child.register_forward_hook(record_output, with_kwargs=True))
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), reads:
             model(*example[0], **example[1])
     except Exception as err:
         raise RevcompileError(f"the probe run of {type(model).__name__} failed ({type(err).__name__}: {err}); pass "
@@ -122,6 +187,7 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
             handle.remove()
 
     stacks = []
+    names = {m: n for n, m in model.named_modules()}
     for name, modules in lists:
         layer_calls = [calls.get(child, []) for child in modules]
         if not all(len(c) == 1 for c in layer_calls):
@@ -133,5 +199,5 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
         chained = all(_first_tensor(record[i].output) is hidden_in[i + 1] for i in range(len(record) - 1))
         shaped = all(getattr(_first_tensor(r.output), "shape", None) == h.shape for r, h in zip(record, hidden_in))
         if chained and shaped:
-            stacks.append(Stack(name, modules, record))
+            stacks.append(Stack(name, modules, record, _read_elsewhere(record, reads, outer_calls, names)))
     return stacks

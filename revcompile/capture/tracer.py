@@ -41,11 +41,18 @@ def dynamic_names(signature: tuple) -> tuple[str, ...]:
 
 @dataclass
 class LayerTrace:
-    """A layer's fx graph: inputs are the hidden state, then the dynamic context (`context_names`)."""
+    """A layer's fx graph: inputs are the hidden state, then the dynamic context (`context_names`).
+
+    NOTE: `training` is the layer's mode when it was traced. Its own code reads `self.training` as a Python bool
+    (OPT's and BART's layers call `F.dropout(h, p, training=self.training)` themselves), so the graph holds that
+    mode as a constant: a graph is valid for calls in that mode only, and a call in the other is traced again
+    (`LayerRuntime.coupling`). Children are leaves and read their own flag when they run.
+    """
 
     graph: fx.Graph
     hidden_name: str
     signature: tuple
+    training: bool = False
 
     @property
     def context_names(self) -> tuple[str, ...]:
@@ -133,4 +140,4 @@ def trace_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerTrace:
         first_line = (str(err).strip().splitlines() or [""])[0][:160]
         raise RevcompileError(f"{type(layer).__name__}.forward cannot be traced with torch.fx "
                               f"({type(err).__name__}: {first_line})") from err
-    return LayerTrace(graph, hidden_name, call_signature(context))
+    return LayerTrace(graph, hidden_name, call_signature(context), layer.training)

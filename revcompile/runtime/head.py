@@ -310,12 +310,15 @@ def _original(cls: type) -> type:
 
 
 def _subclass(mixin: type, cls: type) -> type:
-    """The (cached) subclass `Chunked<cls>` with `mixin`'s forward, which shows `cls.forward`'s signature: the
-    Trainer reads it (`labels` among the label names, dataset columns kept, `**kwargs` for num_items_in_batch)."""
+    """The (cached) subclass of `cls` with `mixin`'s forward, which shows `cls.forward`'s signature: the Trainer
+    reads it (`labels` among the label names, dataset columns kept, `**kwargs` for num_items_in_batch).
+
+    NOTE: it keeps `cls`'s name: `save_pretrained` writes the class name into config.json's `architectures`, by
+    which serving engines (vLLM, TGI) choose the model class; a "ChunkedMixtralForCausalLM" there would not load.
+    """
     if (mixin, cls) not in _CLASSES:
         forward = functools.wraps(cls.forward)(lambda self, *args, **kwargs: mixin.forward(self, *args, **kwargs))
-        _CLASSES[mixin, cls] = type(f"Chunked{cls.__name__}", (mixin, cls),
-                                    {"__module__": cls.__module__, "forward": forward})
+        _CLASSES[mixin, cls] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "forward": forward})
     return _CLASSES[mixin, cls]
 
 

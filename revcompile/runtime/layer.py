@@ -276,7 +276,7 @@ class LayerRuntime(StreamRuntime):
                  is_first: bool, is_last: bool, invert: bool, original_class: type, splits: dict[str, Split],
                  batch_context: BatchContext | None = None, compiler: BranchCompiler | None = None,
                  exact: bool | None = False, exact_headroom: int | None = None, form: str = SEQUENTIAL,
-                 outputs: int | None = None):
+                 outputs: int | None = None, traced_training: bool = False):
         super().__init__(scheme, is_first, is_last, splits, batch_context, exact, exact_headroom)
         self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
         self.outputs = outputs  # how many values the original layer returns (None: one tensor, not a tuple)
@@ -284,11 +284,12 @@ class LayerRuntime(StreamRuntime):
         self.invert = invert
         self.original_class = original_class
         self.forward_fn = inspect.unwrap(original_class.forward)
-        self._built: dict[tuple[str, ...], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
+        # (call signature, the layer's mode when traced: LayerTrace's NOTE) -> branches, coupled forward, inverse
+        self._built: dict[tuple[tuple, bool], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
         self._roles: dict[str, fx.GraphModule] = {}
-        self._build(layer, branch_graphs, signature)
+        self._build(layer, branch_graphs, signature, traced_training)
 
-    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple):
+    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple, training: bool):
         roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
                  for name, graph in zip(FORM_ROLES[self.form], branch_graphs)}
         self._roles = self._roles or roles
@@ -296,8 +297,8 @@ class LayerRuntime(StreamRuntime):
             roles = {name: self.compiler(layer, branch, name) for name, branch in roles.items()}
         branches = scheme_branches(self.scheme, self.form, roles, getattr(layer, NEW_MODULES, {}))
         names = dynamic_names(signature)
-        self._built[signature] = (branches, coupling_module(self.scheme, branches, names),
-                                  coupling_module(self.scheme, branches, names, inverse=True))
+        self._built[signature, training] = (branches, coupling_module(self.scheme, branches, names),
+                                            coupling_module(self.scheme, branches, names, inverse=True))
 
     def bind(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any], tuple]:
         """(hidden state, context by name, call signature) of a call of the layer."""
@@ -305,11 +306,13 @@ class LayerRuntime(StreamRuntime):
         return hidden, context, call_signature(context)
 
     def coupling(self, layer: nn.Module, args: tuple, kwargs: dict, signature: tuple):
-        """(branches, coupled forward, generated inverse) for calls with these context names.
+        """(branches, coupled forward, generated inverse) for calls with these context names, in the layer's mode.
 
-        A call signature the probe did not see (say, generate() passing a cache) is traced again.
+        A call signature the probe did not see (say, generate() passing a cache), or the first call in the other
+        mode (train / eval), is traced again.
         """
-        if signature not in self._built:
+        key = (signature, layer.training)
+        if key not in self._built:
             from ..plan import layer_branches  # the passes, run again for a call signature the probe did not see
 
             original = layer.__class__
@@ -319,8 +322,8 @@ class LayerRuntime(StreamRuntime):
                                                     like=[r.graph for r in self._roles.values()])
             finally:
                 layer.__class__ = original
-            self._build(layer, graphs, signature)
-        return self._built[signature]
+            self._build(layer, graphs, signature, layer.training)
+        return self._built[key]
 
     def _check_layout(self, layer: nn.Module, branches: dict[str, nn.Module], hidden: torch.Tensor,
                       values: list) -> None:
