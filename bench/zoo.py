@@ -10,9 +10,9 @@ largest reference gradient, and its bound; in bfloat16 the bound is 0: exact str
 plan's reasons), not built (transformers' own error for the tiny config, or for the unconverted model in that
 precision), or a crash or mismatch (defects). In float64 also: the logits, loss and gradients of a copy converted
 with max_run=1 (each layer its own run, which computes the original layer) against the unconverted model's,
-relative (bounds 1e-8, 1e-5, 1e-5; not for parallel layers, whose pair scheme changes them by design); and the
-logits of the model trained one step, saved and loaded by revcompile.from_pretrained, against its own before saving
-(bound 1e-6).
+relative (bounds 1e-8, 1e-5, 1e-5; not for parallel layers, whose pair scheme changes them by design), and its greedy
+generate() with the KV cache against the unconverted model's tokens; and the logits of the model trained one step,
+saved and loaded by revcompile.from_pretrained, against its own before saving (bound 1e-6).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from revcompile.zoo import BOUND, CONVERTED, PRECISIONS, ZooResult, causal_lm_families, run_family  # noqa: E402
+from revcompile.zoo import (BOUND, CONVERTED, GENERATE_OUTCOMES, PRECISIONS, ZooResult,  # noqa: E402
+                            causal_lm_families, run_family)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIRST = next(iter(PRECISIONS))  # float64: its row carries the layers, forms and schemes
@@ -55,6 +56,7 @@ def _row(family: str, results: dict[str, ZooResult]) -> list:
         row += [r.status, f"{r.converted}/{r.layers}" if r.layers else "", _counts(r.forms), _counts(r.schemes),
                 "" if r.error is None else f"{r.error:.1e} ({BOUND[r.bound]:g}, {r.bound})",
                 "" if r.original_error is None else " / ".join(f"{e:.0e}" for e in r.original_error.values()),
+                "" if r.generate is None else r.generate.split(":")[0],
                 "" if r.reload_error is None else f"{r.reload_error:.0e}" if isinstance(r.reload_error, float)
                 else "transformers cannot load it"]
     row += [_outcome(results[p]) for p in PRECISIONS if p != FIRST and p in results]
@@ -64,6 +66,8 @@ def _row(family: str, results: dict[str, ZooResult]) -> list:
         if x.reason and (p == FIRST or x.status != CONVERTED and (r is None or x.reason != r.reason)):
             by_reason.setdefault(x.reason, []).append(p)
     reasons = [reason if FIRST in ps else f"{', '.join(ps)}: {reason}" for reason, ps in by_reason.items()]
+    if r is not None and r.generate and r.generate.startswith(GENERATE_OUTCOMES[1]):
+        reasons.append(f"generate(), converted: {r.generate.split(': ', 1)[1]}")
     if r is not None and isinstance(r.reload_error, str):
         reasons.append(f"from_pretrained: {r.reload_error}")
     return row + ["; ".join(reasons).replace("\n", " ").replace("|", "/")]
@@ -83,7 +87,7 @@ def main(families: list[str], precisions: list[str], seed: int) -> None:
                                                  "forms": dict(r.forms), "schemes": dict(r.schemes),
                                                  "error": r.error, "layer_error": r.layer_error, "bound": r.bound,
                                                  "original_error": r.original_error,
-                                                 "reload_error": r.reload_error,
+                                                 "reload_error": r.reload_error, "generate": r.generate,
                                                  "reason": r.reason}
                                              for p, r in results.items()}})
         rows.append(_row(family, results))
@@ -91,7 +95,8 @@ def main(families: list[str], precisions: list[str], seed: int) -> None:
         f"{p}: " + ", ".join(f"{n} {status}" for status, n in Counter(r[p]["status"] for r in records).most_common())
         for p in precisions) + f" ({time.time() - start:.0f} s)")
     first = ["status", "layers converted", "form", "scheme", "gradient error (bound)",
-             "max_run=1 vs original: logits / loss / grads", "trained, saved, reloaded: logits"]
+             "max_run=1 vs original: logits / loss / grads", "generate(), max_run=1",
+             "trained, saved, reloaded: logits"]
     first = first if FIRST in precisions else []
     headers = ["family", *first, *(p for p in precisions if p != FIRST)]
     table = tabulate(rows, headers=headers + ["reason"], tablefmt="github")

@@ -61,6 +61,10 @@ from .runtime.layer import disable_inversion
 # not compared: their pair scheme runs M after A by design.
 FLOAT64, FLOAT32, BIT_FOR_BIT = "float64", "float32 inside", "bit for bit"
 ORIGINAL_BOUND = {"logits": 1e-8, "loss": 1e-5, "gradients": 1e-5}
+# generate() on that copy: transformers' own fails at the tiny config; it fails converted (a loud limitation: RWKV's
+# recurrent state, an extra layer output the coupling does not compute); the same greedy tokens; other tokens (a
+# silent change: a mismatch)
+GENERATE_OUTCOMES = ("fails unconverted", "fails converted", "same tokens", "other tokens")
 # A trained converted model saved and loaded with revcompile.from_pretrained computes what it did: logits measured
 # equal bit for bit in 169 of 175 families; the others (hy_v4, deepseek_v4, bailing_hybrid, flint, inkling_text,
 # dbrx) differ by at most 2.4e-7, as their unconverted models do through transformers' own round trip. Bound 1e-6;
@@ -93,6 +97,7 @@ class ZooResult:
     error: float | None = None  # worst gradient error relative to the largest reference gradient
     layer_error: float | None = None  # the same over the converted layers' parameters only
     original_error: dict[str, float] | None = None  # max_run=1 against the unconverted model (float64)
+    generate: str | None = None  # max_run=1's greedy generate() against the unconverted model's (GENERATE_OUTCOMES)
     reload_error: float | str | None = None  # trained, saved, from_pretrained: logits error, or transformers' error
     bound: str = FLOAT64  # FLOAT32 where a layer computes in float32 (a router, a norm) inside the float64 model
     reason: str = ""
@@ -157,12 +162,28 @@ def _outputs(model, ids) -> dict[str, torch.Tensor]:
     return {"logits": logits, "loss": loss.detach(), "gradients": gradients}
 
 
-def _original_error(family: str, layers: int, seed: int, ids: torch.Tensor, original: dict[str, torch.Tensor]
-                    ) -> dict[str, float]:
-    """Relative errors of another copy converted with max_run=1 against the unconverted model's outputs."""
+def _generated(model, ids) -> torch.Tensor | str:
+    """Greedy generate() of 4 tokens with the KV cache after the first sequence of `ids`, or its error."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            return model.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    except Exception as err:
+        return _first_line(err)
+
+
+def _against_original(family: str, layers: int, seed: int, ids: torch.Tensor, original: dict[str, torch.Tensor],
+                      tokens: torch.Tensor | str) -> tuple[dict[str, float], str]:
+    """Another copy converted with max_run=1 against the unconverted model: the relative errors of its outputs, and
+    whether greedy generation gives the same tokens (GENERATE_OUTCOMES)."""
     model = make_reversible(build(family, layers, seed), max_run=1)
-    return {name: float((value - original[name]).abs().max() / original[name].abs().max())
-            for name, value in _outputs(model, ids).items()}
+    errors = {name: float((value - original[name]).abs().max() / original[name].abs().max())
+              for name, value in _outputs(model, ids).items()}
+    generated = _generated(model, ids)
+    if isinstance(tokens, str):
+        return errors, f"{GENERATE_OUTCOMES[0]}: {tokens}"
+    if isinstance(generated, str):
+        return errors, f"{GENERATE_OUTCOMES[1]}: {generated}"
+    return errors, GENERATE_OUTCOMES[2] if torch.equal(generated, tokens) else GENERATE_OUTCOMES[3]
 
 
 def _reload_error(model, ids) -> float | str:
@@ -257,7 +278,7 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
             bound = FLOAT32 if computes_in_float32([p.module for p in plan.pairs], lambda: _loss(model, ids)) \
                 else FLOAT64
         if scheme is None and all(p.form != PARALLEL for p in plan.pairs):
-            original = _outputs(model, ids)
+            original, tokens = _outputs(model, ids), _generated(model, ids)
     else:
         bound = BIT_FOR_BIT
     try:
@@ -271,8 +292,9 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
                        forms=Counter(p.form for p in plan.pairs), schemes=Counter(p.scheme for p in plan.pairs),
                        reason=plan.reasons() if plan.skipped else "", precision=precision)
     if original is not None:
-        result.original_error = _original_error(family, layers, seed, ids, original)
+        result.original_error, result.generate = _against_original(family, layers, seed, ids, original, tokens)
         changed = [name for name, error in result.original_error.items() if not error <= ORIGINAL_BOUND[name]]
+        changed += ["generated tokens"] if result.generate == GENERATE_OUTCOMES[3] else []
         if changed:
             result.status, result.reason = MISMATCH, f"converted with max_run=1, its {' and '.join(changed)} " \
                                                       f"differ from the unconverted model's: {result.original_error}"
