@@ -294,3 +294,31 @@ def test_a_causal_lm_whose_config_is_a_text_sub_config_reloads(tmp_path):
     assert type(loaded).__name__ == "Emu3ForCausalLM" and loaded._revcompile_plan.applied
     with torch.no_grad():
         assert torch.equal(loaded.eval()(ids).logits, logits)
+
+
+@pytest.mark.parametrize("order", ["peft first", "revcompile first"])
+def test_lora_adapters_train_through_a_converted_model(order):
+    """PEFT's LoRA on the attention projections, the model converted after get_peft_model or before it: only the
+    adapters train, backward rebuilds every layer, their gradients equal the reference's, and the chunked head is in
+    place (make_reversible on a PeftModel crashed in the head's probe before)."""
+    from peft import LoraConfig, get_peft_model
+
+    from revcompile.runtime.head import has_chunked_head
+
+    model = make_model("mixtral", layers=3)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    if order == "peft first":
+        model = revcompile.make_reversible(get_peft_model(model, lora))
+    else:
+        model = get_peft_model(revcompile.make_reversible(model), lora)
+    with torch.no_grad():  # (LoRA's B starts at zero: no gradient would reach A)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert has_chunked_head(model)
+    ids = token_batch(model, seq=16)
+    model.train()
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    ref_loss, _, ref = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and grads.keys() == ref.keys() and all("lora_" in name for name in grads) and len(grads) == 12
+    assert rel_err(loss, ref_loss) < 1e-8 and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-8

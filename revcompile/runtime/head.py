@@ -322,12 +322,21 @@ def _subclass(mixin: type, cls: type) -> type:
     return _CLASSES[mixin, cls]
 
 
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM a wrapper forwards its calls to (PEFT's PeftModel: `get_base_model()`), whose
+    class and lm_head the chunked head swaps; else the model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def head_transform(model: nn.Module, example_inputs: Any = None) -> tuple[str | None, float | None]:
     """(reason the head cannot be chunked or None, the softcap the model applies to the head's output or None).
 
     Runs one probe call (eval mode, no grad) and compares the model's logits with its lm_head's output.
     """
     from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = causal_lm_of(model)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not hasattr(model, "config") or not isinstance(head, nn.Linear):
@@ -375,6 +384,7 @@ def head_transform(model: nn.Module, example_inputs: Any = None) -> tuple[str | 
 
 def convert_head(model: nn.Module, softcap: float | None, chunk_tokens: int | None, kernel: str = "chunked") -> None:
     """Swap in the chunked head (after `head_transform` found no reason against it); `undo_head` swaps it back."""
+    model = causal_lm_of(model)
     lm_head = model.get_output_embeddings()
     runtime = HeadRuntime(model, lm_head, softcap, chunk_tokens, kernel)
     model._revcompile_head = lm_head._revcompile_head = runtime
@@ -405,11 +415,12 @@ def chunked_head(model: nn.Module, chunk_tokens: int | None = None, example_inpu
 
 
 def has_chunked_head(model: nn.Module) -> bool:
-    return "_revcompile_head" in model.__dict__
+    return "_revcompile_head" in causal_lm_of(model).__dict__
 
 
 def undo_head(model: nn.Module) -> None:
     """Restore the original model and lm_head classes, if the head was chunked (nothing else was changed)."""
+    model = causal_lm_of(model)
     runtime = model.__dict__.pop("_revcompile_head", None)
     if runtime is not None:
         model.__class__ = runtime.original_class
