@@ -6,6 +6,8 @@ revcompile/measure.py for what is measured and how).
     python bench/memory.py --device cuda        # on a GPU machine
     python bench/memory.py --dtype bfloat16 --methods plain checkpointing revcompile revcompile-float
                                                 # bf16 weights: exact (integer) streams against float ones
+    python bench/memory.py --lora 16 --depths 8 16 32 --methods plain checkpointing revcompile
+                                                # LoRA fine-tuning (PEFT), base weights frozen
 
 Config (issue 2): tiny Mixtral, hidden 128, 4 experts top-2, batch 4 x 512 tokens, sdpa attention, fp32 (or
 `--dtype`; in bf16 revcompile's default is exact streams, `revcompile-float` the float ones).
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     parser.add_argument("--repeats", type=int, default=3, help="children per point; the median peak is reported")
+    parser.add_argument("--lora", type=int, help="LoRA rank: PEFT's LoRA on the attention projections, base frozen "
+                                                  "(results to memory_<device>_lora.*)")
     args = parser.parse_args()
 
     if args.from_json:
@@ -60,7 +64,7 @@ def main() -> None:
             for method in args.methods:
                 # NOTE: RSS moves by about +-1 MB from run to run (allocator, interpreter); the median of a few
                 # children keeps that noise out of the ratios
-                runs = [measure_step(method, depth, device=args.device, dtype=args.dtype,
+                runs = [measure_step(method, depth, device=args.device, dtype=args.dtype, lora=args.lora,
                                      onednn=onednn_for_memory(args.device, args.dtype), **MEMORY_CONFIG)
                         for _ in range(args.repeats)]
                 median = statistics.median(r["peak_mb"] for r in runs)
@@ -79,12 +83,14 @@ def main() -> None:
                              f"{peak['revcompile', d] / peak['checkpointing', d]:.2f}")
     cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items())
     command = f"python bench/memory.py --device {args.device} --dtype {args.dtype} --methods {' '.join(args.methods)}"
-    text = (f"# Peak memory of one training step ({args.device}, {args.dtype})\n\n`{command}`;"
-            f" {cfg}, {args.dtype}. Peak above the pre-step level (weights and gradients excluded), median of "
+    command += f" --depths {' '.join(map(str, args.depths))}" + (f" --lora {args.lora}" if args.lora else "")
+    lora = f", PEFT LoRA rank {args.lora} on q/k/v/o, base frozen" if args.lora else ""
+    text = (f"# Peak memory of one training step ({args.device}, {args.dtype}{lora})\n\n`{command}`;"
+            f" {cfg}, {args.dtype}{lora}. Peak above the pre-step level (weights and gradients excluded), median of "
             f"{args.repeats} child processes per point.\n\n{table}\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")
     os.makedirs(args.out, exist_ok=True)
-    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_lora" if args.lora else "")
     stem = os.path.join(args.out, f"memory_{args.device.split(':')[0]}{suffix}")
     with open(stem + ".md", "w") as f:
         f.write(text)
@@ -94,7 +100,7 @@ def main() -> None:
     for method in args.methods:
         ax.plot(args.depths, [peak[method, d] for d in args.depths], marker="o", label=METHOD_LABELS[method])
     ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="step peak memory above weights+grads (MB)",
-           title=f"Training-step memory vs depth (tiny Mixtral, {args.device}, {args.dtype})")
+           title=f"Training-step memory vs depth (tiny Mixtral, {args.device}, {args.dtype}{lora})")
     ax.set_xticks(args.depths, [str(d) for d in args.depths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3)

@@ -161,7 +161,8 @@ class PhasePeaks:
 def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: str = "cpu",
                          dtype: str = "float32", steps: int = 1, attn: str = "sdpa", pretrained: str | None = None,
                          threads: int | None = None, split: bool = False, optimizer: str | None = None,
-                         warmup_batch: int | None = None, onednn: bool = True, **config: Any) -> dict:
+                         warmup_batch: int | None = None, onednn: bool = True, lora: int | None = None,
+                         **config: Any) -> dict:
     """In this process: build the model, warm up, then measure `steps` training steps (peak of the first).
 
     pretrained: a local model directory to load instead of building a random one from `config` (depth unused).
@@ -178,6 +179,8 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
                 primitive per distinct matrix shape (about 0.5 MB each, measured for a 256 x 1024 linear), and an
                 eager MoE's experts see a new token count at almost every call: RSS then grows with the calls made,
                 by depth in the first steps, for every method alike. A memory figure in bf16 on CPU needs it off.
+    lora:       a LoRA rank: PEFT's LoRA on every attention projection, the base weights frozen (None: full
+                fine-tuning).
     threads:    torch's intra-op threads (None: torch's default). With 1, "step_cpu_s" (the process's CPU seconds
                 of the fastest step) is the step's work alone: other processes on a loaded machine barely move it,
                 where they stretch the wall-clock "step_s" (median) by any factor.
@@ -202,6 +205,10 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         model = tiny_model_from_config(cfg)
     model = model.to(device=device, dtype=getattr(torch, dtype))
     model.config.use_cache = False
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     # the process with the model's code imported, before its weights: total_peak_mb's reference
     baseline = torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes("VmRSS")
     baseline -= sum(p.numel() * p.element_size() for p in model.parameters())
