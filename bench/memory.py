@@ -84,9 +84,10 @@ def main() -> None:
     cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items())
     command = f"python bench/memory.py --device {args.device} --dtype {args.dtype} --methods {' '.join(args.methods)}"
     command += f" --depths {' '.join(map(str, args.depths))}" + (f" --lora {args.lora}" if args.lora else "")
-    lora = f", PEFT LoRA rank {args.lora} on q/k/v/o, base frozen" if args.lora else ""
+    lora = f", LoRA rank {args.lora}" if args.lora else ""
+    frozen = " (PEFT LoRA on q/k/v/o, base weights frozen)" if args.lora else ""
     text = (f"# Peak memory of one training step ({args.device}, {args.dtype}{lora})\n\n`{command}`;"
-            f" {cfg}, {args.dtype}{lora}. Peak above the pre-step level (weights and gradients excluded), median of "
+            f" {cfg}, {args.dtype}{frozen}. Peak above the pre-step level (weights and gradients excluded), median of "
             f"{args.repeats} child processes per point.\n\n{table}\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")
     os.makedirs(args.out, exist_ok=True)
@@ -100,7 +101,7 @@ def main() -> None:
     for method in args.methods:
         ax.plot(args.depths, [peak[method, d] for d in args.depths], marker="o", label=METHOD_LABELS[method])
     ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="step peak memory above weights+grads (MB)",
-           title=f"Training-step memory vs depth (tiny Mixtral, {args.device}, {args.dtype}{lora})")
+           title=f"Training-step memory vs depth\n(tiny Mixtral, {args.device}, {args.dtype}{lora})")
     ax.set_xticks(args.depths, [str(d) for d in args.depths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3)
