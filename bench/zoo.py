@@ -12,7 +12,7 @@ precision), or a crash or mismatch (defects). In float64 also: the logits, loss 
 with max_run=1 (each layer its own run, which computes the original layer) against the unconverted model's,
 relative (bounds 1e-8, 1e-5, 1e-5; not for parallel layers, whose pair scheme changes them by design), and its greedy
 generate() with the KV cache against the unconverted model's tokens; and the logits of the model trained one step,
-saved and loaded by revcompile.from_pretrained, against its own before saving (bound 1e-6).
+saved and loaded by revcompile.from_pretrained, against its own before saving (bound 1e-5).
 """
 
 from __future__ import annotations

@@ -67,9 +67,10 @@ ORIGINAL_BOUND = {"logits": 1e-8, "loss": 1e-5, "gradients": 1e-5}
 GENERATE_OUTCOMES = ("fails unconverted", "fails converted", "same tokens", "other tokens")
 # A trained converted model saved and loaded with revcompile.from_pretrained computes what it did: logits measured
 # equal bit for bit in 169 of 175 families; the others (hy_v4, deepseek_v4, bailing_hybrid, flint, inkling_text,
-# dbrx) differ by at most 2.4e-7, as their unconverted models do through transformers' own round trip. Bound 1e-6;
-# a checkpoint that loads other weights or converts otherwise lands far above (1e-2 and more).
-RELOAD_BOUND = 1e-6
+# dbrx) differ by at most 2.4e-7, as their unconverted models do through transformers' own round trip (parameters
+# it stores in another precision). Bound 1e-5 (one seed measured: a margin of 40); a checkpoint that loads other
+# weights or converts otherwise lands far above (1e-2 and more).
+RELOAD_BOUND = 1e-5
 BOUND = {FLOAT64: 1e-8, FLOAT32: 1e-4, BIT_FOR_BIT: 0.0}
 # precision -> (weights' dtype, autocast dtype or None)
 PRECISIONS = {"float64": (torch.float64, None), "bfloat16": (torch.bfloat16, None),
