@@ -293,7 +293,11 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
                        forms=Counter(p.form for p in plan.pairs), schemes=Counter(p.scheme for p in plan.pairs),
                        reason=plan.reasons() if plan.skipped else "", precision=precision)
     if original is not None:
-        result.original_error, result.generate = _against_original(family, layers, seed, ids, original, tokens)
+        try:
+            result.original_error, result.generate = _against_original(family, layers, seed, ids, original, tokens)
+        except Exception:
+            result.status, result.reason = CRASHED, "max_run=1 copy: " + traceback.format_exc(limit=-3)
+            return result
         changed = [name for name, error in result.original_error.items() if not error <= ORIGINAL_BOUND[name]]
         changed += ["generated tokens"] if result.generate == GENERATE_OUTCOMES[3] else []
         if changed:
