@@ -5,8 +5,9 @@ each: a tiny config (`models.tiny_config`), random weights, one training step wi
 converted model under `disable_inversion()`, in one of three precisions (`PRECISIONS`): float64 weights; bfloat16
 weights; float32 weights under bfloat16 autocast. The 16-bit runs use exact streams (the default there), so their
 gradients must equal the reference's bit for bit. In float64 two more checks: a copy converted with max_run=1
-computes the unconverted model's logits and loss (the rewrite of the layers and of the head changes nothing), and
-the model, trained one step, saved and loaded by `revcompile.from_pretrained`, computes the same logits. The
+computes the unconverted model's logits, loss, gradients and greedy generate() tokens (the rewrite of the layers and
+of the head changes nothing), and the model, trained one step, saved and loaded by `revcompile.from_pretrained`,
+computes the same logits. The
 outcome is one of
 
 - converted:   the gradients agree (relative to the largest reference gradient) within the bound,
@@ -151,16 +152,13 @@ def _logits(model, ids) -> torch.Tensor:
 
 def _outputs(model, ids) -> dict[str, torch.Tensor]:
     """Logits in eval mode; the loss and every parameter's gradient (flattened, in name order) of one training step
-    with labels (the chunked head's path), seeded (the same dropout draws in the models compared)."""
+    with labels (the chunked head's path)."""
     logits = _logits(model, ids)
+    loss, grads, _ = _step(model, ids)
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    loss = _loss(model, ids)
-    loss.backward()
-    gradients = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                           for _, p in sorted(model.named_parameters())])
-    model.zero_grad(set_to_none=True)
-    return {"logits": logits, "loss": loss.detach(), "gradients": gradients}
+    gradients = torch.cat([grads[name].flatten() if name in grads else torch.zeros(p.numel(), dtype=p.dtype)
+                           for name, p in sorted(model.named_parameters())])
+    return {"logits": logits, "loss": loss, "gradients": gradients}
 
 
 def _generated(model, ids) -> torch.Tensor | str:
@@ -227,15 +225,17 @@ def reversible_nodes(loss: torch.Tensor) -> list:
     return nodes
 
 
-def _grads(model, ids, reference: bool, precision: str = "float64") -> tuple[dict[str, torch.Tensor], int]:
-    """(gradients of one step, how many reversible layer calls it ran)."""
+def _step(model, ids, reference: bool = False, precision: str = "float64"
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(loss, gradients of one training step, how many reversible layer calls it ran), seeded."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same dropout draws in both runs (the reversible one replays them in backward)
     with disable_inversion() if reference else contextlib.nullcontext(), _autocast(precision):
         loss = _loss(model, ids)
         calls = len(reversible_nodes(loss))
         loss.backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, calls
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, \
+        calls
 
 
 def build(family: str, layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
@@ -305,7 +305,7 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
                                                       f"differ from the unconverted model's: {result.original_error}"
             return result
     try:
-        (grads, calls), (reference, _) = _grads(model, ids, False, precision), _grads(model, ids, True, precision)
+        (_, grads, calls), (_, reference, _) = _step(model, ids, False, precision), _step(model, ids, True, precision)
     except Exception:
         result.status, result.reason = CRASHED, "training step: " + traceback.format_exc(limit=-3)
         return result
