@@ -24,7 +24,7 @@ inlined, parameters are lifted to graph inputs, and each node is tagged with the
    Function itself stays outside aot_autograd: its partitioner would otherwise decide again what to save between
    forward and backward (pytorch issue 141881), and saving nothing is the point. Routing replay and RNG work as
    with `make_reversible(model, compile=True)` (see `runtime/compiled.py`).
-A graph the passes cannot convert (no layer stack in it, no convertible layer, dynamic shapes, inputs it mutates)
+A graph the passes cannot convert (no layer stack in it, no convertible layer, inputs it mutates)
 goes to Inductor unchanged, with one log line saying why.
 
 NOTE: why not call make_reversible on the module from here. The backend never sees the module, only a graph, and
@@ -32,7 +32,10 @@ Dynamo may hand it any part of the model (a graph break splits one forward into 
 graph it is given keeps the backend honest about what it converted: exactly the layers whole in that graph.
 Limits: a layer split by a graph break (Hugging Face's "eager" experts loop breaks the graph at `nonzero`: use
 `experts_implementation="grouped_mm"`) is not converted; schemes that add modules (MEFT adapters, RevFFN
-projections) need make_reversible, which owns the model; a graph with symbolic shapes goes to Inductor.
+projections) need make_reversible, which owns the model.
+
+Dynamic shapes: after a second sequence length Dynamo compiles again with symbolic sizes; that graph converts
+the same way (the analysis runs on this call's sizes, `_hint`), and serves every later length.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch import fx, nn
 from torch._dynamo import register_backend
 from torch._dynamo.backends.registry import _BACKENDS
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.split_module import split_module
 
 from .capture.tracer import LayerTrace
@@ -68,6 +72,9 @@ log = logging.getLogger(__name__)
 
 _ROOT = "L['self']."  # how Dynamo names the compiled module in nn_module_stack
 _INDEXED = re.compile(r"^(?P<stack>.+?)(?:\.(?P<dot>\d+)|\[(?P<bracket>\d+)\])$")  # "L['self'].model.layers.3"
+
+
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 class NotConvertible(RevcompileError):
@@ -159,8 +166,10 @@ def _example(node: fx.Node) -> Any:
 
 
 def _same_kind(a: Any, b: Any) -> bool:
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
-        a.is_floating_point() and b.is_floating_point()
+    """Two floating-point tensors of one shape (symbolic sizes: the same expression, with no guard added)."""
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and \
+        b.is_floating_point() and a.dim() == b.dim() and \
+        all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
 
 def _layer_graph(layer: _Layer, hidden: fx.Node, inputs: list[fx.Node]) -> fx.Graph:
@@ -264,21 +273,50 @@ def _classify(gm: fx.GraphModule, layers: list[_Layer], example_inputs: list) ->
             structure.kinds = structure.classified.kinds
 
 
+def _hint(value: Any) -> Any:
+    """A symbolic size's value in this call (what the probe runs with), anything else as it is."""
+    return value.node.hint if isinstance(value, _SYMBOLIC) else value
+
+
 def _refusal(gm: fx.GraphModule, example_inputs: list) -> str | None:
     """Why the whole graph goes to Inductor unchanged, or None."""
-    if any(isinstance(x, torch.SymInt) for x in example_inputs):
-        return "it has symbolic (dynamic) shapes"
     for node in gm.graph.nodes:
         if writes_in_place(node) and node.args[0].op == "placeholder":
             return f"it writes to one of its inputs in place ({node.format_node()}: a KV cache update?)"
     return None
 
 
+def _hoist_size_expressions(graph: fx.Graph) -> set[fx.Node]:
+    """Move the symbolic size expressions computed from the graph's inputs alone to just after its placeholders;
+    returns them.
+
+    NOTE: with dynamic shapes Dynamo computes a size such as `2 * s0` (batch x sequence) where it is first needed,
+    inside layer 0, and every later layer reuses that node: layer 0 would hand a value to the rest of the graph and
+    could not be cut out. An expression of the inputs belongs to no layer; hoisted, it is one more (integer) input
+    of each layer that reads it, the same in every layer, so the layers still share one structure.
+    """
+    hoisted: set[fx.Node] = set()
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if not placeholders:
+        return hoisted
+    anchor, inputs = placeholders[-1], set(placeholders)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and isinstance(_example(node), _SYMBOLIC) and \
+                all(i in inputs or i in hoisted for i in node.all_input_nodes):
+            anchor.append(node)
+            anchor = node
+            hoisted.add(node)
+    if hoisted:
+        graph.owning_module.recompile()
+    return hoisted
+
+
 def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
-    """Per layer stack, its layers in index order."""
+    """Per layer stack, its layers in index order (symbolic size expressions of the inputs belong to none)."""
     stacks: dict[str, dict[int, list[fx.Node]]] = {}
+    outside = _hoist_size_expressions(gm.graph)
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
+        if node.op in ("placeholder", "output") or node in outside:
             continue
         found = _layer_of(node)
         if found:
@@ -293,8 +331,12 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
             name = f"{stack.removeprefix(_ROOT)}.{index}"
             layer = _Layer(name, nodes, outputs[-1] if outputs else nodes[-1])
             if len(outputs) != 1:
-                layer.structure = NotReversible(f"it hands {len(outputs)} values to the rest of the graph (state "
-                                                "passed between layers, or collected router logits)")
+                extra = ", ".join(node.name for node in outputs[:-1])
+                layer.structure = NotReversible(
+                    f"it hands {len(outputs) - 1} more values than its output to the rest of the graph ({extra}): a "
+                    "KV cache (train with use_cache=False, as Hugging Face checkpointing does), router logits "
+                    "collected for the load-balancing loss (make_reversible(model, compile=True) collects them), "
+                    "or state passed between layers")
             layers.append(layer)
         result[stack] = layers
     return result
@@ -442,7 +484,7 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
                               f"{scheme.name!r}) (compile=True compiles its branches)")
     from torch._inductor.compile_fx import compile_fx
 
-    converter = _Converter(gm, list(example_inputs), scheme, chunks, exact, headroom)
+    converter = _Converter(gm, [_hint(x) for x in example_inputs], scheme, chunks, exact, headroom)
     # NOTE: Dynamo calls backends with lazily recompiled GraphModules switched on, and Dynamo will not trace a lazy
     # GraphModule's forward (a graph break in every compiled branch): the modules built here are made eagerly
     with _use_lazy_graph_module(False):

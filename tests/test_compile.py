@@ -63,7 +63,7 @@ def train(model, data, forward=None, reference=False) -> dict:
 
 
 def assert_same_training(run: dict, expected: dict) -> None:
-    for step in range(STEPS):
+    for step in range(len(expected["loss"])):
         assert abs(run["loss"][step] - expected["loss"][step]) <= LOSS_TOLERANCE * abs(expected["loss"][step])
         grads, ref = run["grads"][step], expected["grads"][step]
         assert grads.keys() == ref.keys()
@@ -145,6 +145,41 @@ def test_backend_converts_and_trains_like_make_reversible(caplog):
     assert run["nodes"] == [3] * STEPS
     assert_same_training(run, train(eager, data))
     assert run["counts"][-1] == run["counts"][0]
+
+
+def test_backend_converts_the_graph_dynamo_makes_for_a_new_sequence_length():
+    """A second sequence length makes Dynamo compile again with symbolic sizes (its automatic dynamic shapes): that
+    graph converts too, trains like make_reversible at every length, and the lengths after it compile nothing."""
+    eager = revcompile.make_reversible(tiny("mixtral"))
+    model = tiny("mixtral")
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(3, model.config.vocab_size, (2, seq), generator=generator) for seq in (16, 24, 32, 12)]
+    run = train(model, data, forward=torch.compile(model, backend="revcompile"))
+    assert run["nodes"] == [3] * len(data)
+    assert_same_training(run, train(eager, data))
+    # NOTE: the third length still compiles: each branch's own graph turns dynamic on its second shape
+    assert run["counts"][-1] == run["counts"][2]
+
+
+def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():
+    """Training with Hugging Face's default use_cache=True puts a KV cache in Dynamo's graph: no layer converts, and
+    the reason says to pass use_cache=False."""
+    from revcompile.backend import NotConvertible, _Converter
+    from revcompile.schemes import get_scheme
+
+    model = make_model("mixtral", torch.float32, layers=2, experts_implementation="grouped_mm").train()
+    assert model.config.use_cache
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    torch.compile(model, backend=capture)(ids, labels=ids)
+    gm, example_inputs = graphs[0]
+    with pytest.raises(NotConvertible, match="use_cache=False"):
+        _Converter(gm, list(example_inputs), get_scheme("symplectic"), None, False, None).analyze()
 
 
 def test_backend_leaves_an_unconvertible_graph_to_inductor(caplog):
