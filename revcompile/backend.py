@@ -58,7 +58,8 @@ from .capture.tracer import LayerTrace
 from .coupling import Scheme
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, Classified, classify_values
-from .passes.extract import branch_graph_of, writes_in_place
+from .passes.extract import branch_graph_of, written_tensor
+from .passes.grad_mode import detach_where_grad_is_off, switches_grad_mode
 from .passes.residuals import SEQUENTIAL, NotReversible, Residual, find_residual_chain
 from .runtime.compiled import COMPILE_OPTIONS
 from .runtime.layer import PAIR_ROLES, StreamRuntime, inversion_disabled, splits_by_branch
@@ -70,7 +71,9 @@ __all__ = ["CompileOnFirstCall", "GraphLayer", "revcompile_backend"]
 
 log = logging.getLogger(__name__)
 
-_ROOT = "L['self']."  # how Dynamo names the compiled module in nn_module_stack
+# how Dynamo names the compiled module in nn_module_stack: "L['self']." or, for a model reached through a wrapper's
+# arguments (as Llama's is here), "L['args'][0]."
+_ROOT = re.compile(r"^L\['\w+'\](?:\[\d+\])*\.")
 _INDEXED = re.compile(r"^(?P<stack>.+?)(?:\.(?P<dot>\d+)|\[(?P<bracket>\d+)\])$")  # "L['self'].model.layers.3"
 
 
@@ -183,6 +186,7 @@ def _layer_graph(layer: _Layer, hidden: fx.Node, inputs: list[fx.Node]) -> fx.Gr
                                       fx.map_arg(node.kwargs, env.__getitem__), name=f"v{k}")
         env[node].meta = dict(node.meta)
     graph.output(env[layer.output])
+    detach_where_grad_is_off(graph)  # a no_grad block in the layer's code (PhiMoE's router): see grad_mode.py
     return graph
 
 
@@ -281,7 +285,8 @@ def _hint(value: Any) -> Any:
 def _refusal(gm: fx.GraphModule, example_inputs: list) -> str | None:
     """Why the whole graph goes to Inductor unchanged, or None."""
     for node in gm.graph.nodes:
-        if writes_in_place(node) and node.args[0].op == "placeholder":
+        written = written_tensor(node)
+        if written is not None and written.op == "placeholder":
             return f"it writes to one of its inputs in place ({node.format_node()}: a KV cache update?)"
     return None
 
@@ -315,12 +320,20 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
     """Per layer stack, its layers in index order (symbolic size expressions of the inputs belong to none)."""
     stacks: dict[str, dict[int, list[fx.Node]]] = {}
     outside = _hoist_size_expressions(gm.graph)
+    last, switches = None, []  # the layer of the last node, the grad-mode switches (which have none) met since
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output") or node in outside:
             continue
         found = _layer_of(node)
+        if found is None and switches_grad_mode(node):
+            switches.append(node)
+            continue
         if found:
-            stacks.setdefault(found[0], {}).setdefault(found[1], []).append(node)
+            nodes = stacks.setdefault(found[0], {}).setdefault(found[1], [])
+            if found == last:  # switched between two nodes of one layer: inside that layer's code
+                nodes.extend(switches)
+            nodes.append(node)
+        last, switches = found, []
     result = {}
     for stack, by_index in stacks.items():
         layers = []
@@ -328,7 +341,7 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
             nodes = by_index[index]
             inside = set(nodes)
             outputs = [n for n in nodes if any(user not in inside for user in n.users)]
-            name = f"{stack.removeprefix(_ROOT)}.{index}"
+            name = f"{_ROOT.sub('', stack)}.{index}"
             layer = _Layer(name, nodes, outputs[-1] if outputs else nodes[-1])
             if len(outputs) != 1:
                 extra = ", ".join(node.name for node in outputs[:-1])

@@ -90,6 +90,48 @@ class FlatMoEBlock(PreNormBlock):
         return x + self.norm_b(self.ff(x))
 
 
+class NoGradScaleMoE(TopKMoE):
+    """Scales its output by a statistic of its input computed under no_grad: no gradient flows through the scale."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            scale = x.pow(2).mean(-1, keepdim=True).add(1).rsqrt()
+        return scale * super().forward(x)
+
+
+class SliceWriteAttention(SelfAttention):
+    """Assembles its keys in a `new_empty` tensor through slices' `copy_`, as DeepSeek-V3's attention does."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        half = k.shape[-1] // 2
+        keys = k.new_empty(k.shape)
+        keys[..., :half].copy_(k[..., :half])
+        keys[..., half:].copy_(-k[..., half:])
+        y = F.scaled_dot_product_attention(q, keys, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TorchLevelQuirksBlock(PreNormBlock):
+    """A pre-norm block whose code, captured by Dynamo at the level of torch ops, holds grad-mode switches (a
+    `with torch.no_grad():` block in its MoE) and writes through views (its attention's keys)."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.mix, self.ff = SliceWriteAttention(width), NoGradScaleMoE(width)
+
+
+class NoGradGateBlock(PreNormBlock):
+    """Gates its attention branch by a statistic of the stream computed under no_grad, in the block's own code."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            gate = x.pow(2).mean(-1, keepdim=True).add(1).rsqrt()
+        x = x + gate * self.mix(self.norm_a(x))
+        return x + self.ff(self.norm_b(x))
+
+
 class PostNormBlock(PreNormBlock):
     def forward(self, x):
         x = self.norm_a(x + self.mix(x))

@@ -4,6 +4,7 @@ Hugging Face's default "eager" experts loop over a data-dependent set of experts
 `nonzero`; these tests use its "grouped_mm" experts, whose graph is whole (see README, "torch.compile").
 """
 
+import copy
 import functools
 import logging
 import os
@@ -13,12 +14,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import count_reversible_nodes, make_model, rel_err
-from plain_models import PlainLM, PostNormBlock
+from conftest import count_reversible_nodes, lm_loss, make_model, rel_err
+from plain_models import PlainLM, PostNormBlock, TorchLevelQuirksBlock
 from torch import fx
 from torch._dynamo.utils import counters
 
 import revcompile
+from revcompile.models import TINY_FAMILIES
 from revcompile.capture.tracer import dynamic_names
 from revcompile.runtime.replay import run_recorded, run_replayed
 
@@ -49,8 +51,9 @@ def train(model, data, forward=None, reference=False) -> dict:
     forward = model if forward is None else forward
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     out = {"loss": [], "nodes": [], "grads": [], "counts": []}
-    for ids in data:
+    for step, ids in enumerate(data):
         optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(step)  # the same random numbers in every run (PhiMoE's router samples in training)
         with revcompile.disable_inversion() if reference else nullcontext():
             loss = forward(ids, labels=ids).loss
             out["nodes"].append(count_reversible_nodes(loss))
@@ -161,6 +164,30 @@ def test_backend_converts_the_graph_dynamo_makes_for_a_new_sequence_length():
     assert run["counts"][-1] == run["counts"][2]
 
 
+# every family of the tiny-model list, as Dynamo captures it whole: grouped_mm experts (the eager loop breaks the
+# graph), sdpa attention where the family takes it
+_BACKEND_OPTIONS = {"gpt_oss": {"experts_implementation": "grouped_mm"}, "llama": {"attn_implementation": "sdpa"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY_FAMILIES)
+def test_backend_converts_each_tiny_family_at_two_sequence_lengths(name):
+    """Each family's three layers convert in Dynamo's graph for a first sequence length and in its symbolic-size
+    graph for a second, and train like make_reversible at both."""
+    torch._dynamo.reset()  # each family's frames afresh: the wrappers they share would reach Dynamo's recompile limit
+    options = _BACKEND_OPTIONS.get(name, {"experts_implementation": "grouped_mm", "attn_implementation": "sdpa"})
+    models = [make_model(name, torch.float32, layers=3, **options) for _ in range(2)]
+    for model in models:
+        model.config.use_cache = False
+        model.train()
+    eager, model = revcompile.make_reversible(models[0]), models[1]
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(3, model.config.vocab_size, (2, seq), generator=generator) for seq in (16, 24)]
+    run = train(model, data, forward=torch.compile(model, backend="revcompile"))
+    assert run["nodes"] == [3, 3]
+    assert_same_training(run, train(eager, data))
+
+
 def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():
     """Training with Hugging Face's default use_cache=True puts a KV cache in Dynamo's graph: no layer converts, and
     the reason says to pass use_cache=False."""
@@ -180,6 +207,32 @@ def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():
     gm, example_inputs = graphs[0]
     with pytest.raises(NotConvertible, match="use_cache=False"):
         _Converter(gm, list(example_inputs), get_scheme("symplectic"), None, False, None).analyze()
+
+
+def test_backend_keeps_no_grad_blocks_and_writes_through_views():
+    """Two things Dynamo's torch-level graph holds and a layer's own fx trace does not, each found in a Hugging Face
+    family: a `with torch.no_grad():` block (two grad-mode switches, PhiMoE's router) converts and what it computes
+    stays without gradient; a tensor filled through views' `copy_` (DeepSeek-V3's keys) is filled in the branch
+    too (left out, the branch read uninitialised memory). Same losses and gradients as make_reversible, whose
+    branches run the modules' own code."""
+    torch.manual_seed(0)
+    model = PlainLM(TorchLevelQuirksBlock, depth=2)
+    eager = revcompile.make_reversible(copy.deepcopy(model), example_inputs=torch.randint(0, 64, (2, 8)))
+    forward = torch.compile(model, backend="revcompile")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 8), generator=generator)
+        losses = []
+        for net, call in ((model, forward), (eager, eager)):
+            net.zero_grad(set_to_none=True)
+            loss = lm_loss(call, ids)
+            losses.append((loss, count_reversible_nodes(loss)))
+            loss.backward()
+        (loss, nodes), (expected, expected_nodes) = losses
+        assert nodes == expected_nodes == 2
+        assert abs(float(loss) - float(expected)) <= LOSS_TOLERANCE * abs(float(expected))
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert rel_err(p.grad, q.grad) < GRAD_TOLERANCE, name
 
 
 def test_backend_leaves_an_unconvertible_graph_to_inductor(caplog):

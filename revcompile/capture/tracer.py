@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
 from ..errors import RevcompileError
+from ..passes.grad_mode import detach_where_grad_is_off
 
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -135,9 +138,29 @@ def trace_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerTrace:
     hidden_name, _, context = bind_call(forward, layer, args, kwargs)
     tracer = _LayerTracer(forward, hidden_name, context)
     try:
-        graph = tracer.trace(layer)
+        with _recording_grad_mode(tracer):
+            graph = tracer.trace(layer)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... all mean "not traceable"
         first_line = (str(err).strip().splitlines() or [""])[0][:160]
         raise RevcompileError(f"{type(layer).__name__}.forward cannot be traced with torch.fx "
                               f"({type(err).__name__}: {first_line})") from err
+    detach_where_grad_is_off(graph)
     return LayerTrace(graph, hidden_name, call_signature(context), layer.training)
+
+
+@contextmanager
+def _recording_grad_mode(tracer: fx.Tracer):
+    """While tracing, grad-mode switches in the layer's own code (`with torch.no_grad():`) become graph nodes, as in
+    Dynamo's graphs; the trace starts with grad on, as a training call does (see passes/grad_mode.py)."""
+    switch = torch._C._set_grad_enabled
+
+    def record(mode: bool) -> None:
+        tracer.graph.call_function(switch, (bool(mode),))
+        switch(mode)
+
+    with torch.enable_grad():
+        torch._C._set_grad_enabled = record
+        try:
+            yield
+        finally:
+            torch._C._set_grad_enabled = switch

@@ -30,8 +30,39 @@ def writes_in_place(node: fx.Node) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
+# ops whose result may share its input's storage: a write into the result is a write into the input
+_VIEWS = frozenset({"getitem", "__getitem__", "view", "view_as", "narrow", "select", "transpose", "permute", "t",
+                    "unsqueeze", "squeeze", "expand", "expand_as", "as_strided", "diagonal", "unflatten", "reshape",
+                    "flatten", "split", "chunk", "unbind", "movedim", "swapaxes", "swapdims", "unfold", "detach"})
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def written_tensor(node: fx.Node) -> fx.Node | None:
+    """The node whose tensor an in-place `node` writes into, followed back through views (`x[..., :d].copy_(y)`
+    writes into x), or None when `node` writes nothing."""
+    if not writes_in_place(node):
+        return None
+    target = node.args[0]
+    while target.op in ("call_function", "call_method") and _op_name(target) in _VIEWS and target.args and \
+            isinstance(target.args[0], fx.Node):
+        target = target.args[0]
+    return target
+
+
 def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
     """A new graph computing `residual.branch` from the placeholder `x` and the layer's context placeholders."""
+    # NOTE: a graph of torch-level ops (Dynamo's) may fill a tensor in place, directly (`inv_perm[perm] = arange(n)`)
+    # or through a view (DeepSeek-V3's attention: `key_states = k.new_empty(...)`, then `key_states[..., :d] = k_nope`
+    # as a slice's `copy_`); the write has no user, so data flow alone would leave it out and the branch would read
+    # uninitialised memory. A needed tensor brings every write into it along.
+    writes: dict[fx.Node, list[fx.Node]] = {}
+    for node in trace.graph.nodes:
+        written = written_tensor(node)
+        if written is not None:
+            writes.setdefault(written, []).append(node)
     needed: set[fx.Node] = set()
     pending = [residual.branch]
     while pending:
@@ -40,9 +71,7 @@ def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
             continue
         needed.add(node)
         pending.extend(node.all_input_nodes)
-        # NOTE: a graph of torch-level ops (Dynamo's) may fill a tensor in place (`inv_perm[perm] = arange(n)`);
-        # the write has no user, so data flow alone would leave it out and the branch would read garbage
-        pending.extend(user for user in node.users if writes_in_place(user) and user.args[0] is node)
+        pending.extend(writes.get(node, ()))
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {residual.stream: graph.placeholder("x")}
