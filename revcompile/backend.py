@@ -435,7 +435,7 @@ class _Converter:
         """The graph with each converted layer replaced by a GraphLayer call, split and compiled around them."""
         graph = self.gm.graph
         replaced: dict[fx.Node, fx.Node] = {}
-        calls = set()
+        calls, sliced = set(), False
         for run in runs:
             for i, layer in enumerate(run):
                 structure = layer.structure
@@ -446,6 +446,7 @@ class _Converter:
                                                                 found.by_sequence, self.chunks),
                                         batch_context=found.batch_context, exact=self.exact,
                                         exact_headroom=self.exact_headroom)
+                sliced = sliced or bool(runtime.splits)
                 branches = scheme_branches(self.scheme, SEQUENTIAL, roles, {})
                 target = f"revcompile_layer_{len(calls)}"
                 self.gm.add_submodule(target, GraphLayer(runtime, branches, layer.name))
@@ -456,6 +457,10 @@ class _Converter:
                 for node in reversed(layer.nodes):
                     graph.erase_node(node)
                 calls.add(call)
+        if self.chunks not in (None, 1) and not sliced:
+            log.warning("revcompile backend: recompute_chunks=%s has no effect: Dynamo's graph writes the sizes into "
+                        "the branches (constants, or size symbols of the whole batch), so no branch runs by slices; "
+                        "make_reversible(model, compile=True) slices", self.chunks)
         graph.lint()
         self.gm.recompile()
         return self._split(calls)

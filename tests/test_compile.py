@@ -188,14 +188,11 @@ def test_backend_converts_each_tiny_family_at_two_sequence_lengths(name):
     assert_same_training(run, train(eager, data))
 
 
-def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():
-    """Training with Hugging Face's default use_cache=True puts a KV cache in Dynamo's graph: no layer converts, and
-    the reason says to pass use_cache=False."""
-    from revcompile.backend import NotConvertible, _Converter
+def backend_converter(model, recompute_chunks: int | None = None):
+    """The backend's converter of the graph Dynamo captures for one training call of `model` (nothing compiled)."""
+    from revcompile.backend import _Converter
     from revcompile.schemes import get_scheme
 
-    model = make_model("mixtral", torch.float32, layers=2, experts_implementation="grouped_mm").train()
-    assert model.config.use_cache
     graphs = []
 
     def capture(gm, example_inputs):
@@ -205,8 +202,28 @@ def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():
     ids = torch.randint(3, model.config.vocab_size, (2, 8))
     torch.compile(model, backend=capture)(ids, labels=ids)
     gm, example_inputs = graphs[0]
+    return _Converter(gm, list(example_inputs), get_scheme("symplectic"), recompute_chunks, False, None)
+
+
+def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():
+    """Training with Hugging Face's default use_cache=True puts a KV cache in Dynamo's graph: no layer converts, and
+    the reason says to pass use_cache=False."""
+    from revcompile.backend import NotConvertible
+
+    model = make_model("mixtral", torch.float32, layers=2, experts_implementation="grouped_mm").train()
+    assert model.config.use_cache
     with pytest.raises(NotConvertible, match="use_cache=False"):
-        _Converter(gm, list(example_inputs), get_scheme("symplectic"), None, False, None).analyze()
+        backend_converter(model).analyze()
+
+
+def test_backend_says_when_recompute_chunks_has_no_effect(caplog):
+    """Dynamo's graph writes the sizes into the branches, so none passes the check for slices: recompute_chunks
+    would do nothing, and the backend says so instead of ignoring it."""
+    model = tiny("mixtral")
+    converter = backend_converter(model, recompute_chunks=4)
+    with caplog.at_level(logging.WARNING, logger="revcompile.backend"):
+        converter.rewrite(converter.analyze())
+    assert "recompute_chunks=4 has no effect" in caplog.text
 
 
 def test_backend_keeps_no_grad_blocks_and_writes_through_views():
