@@ -360,7 +360,8 @@ class _Converter:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, scheme: Scheme, recompute_chunks: int | None,
                  exact: bool, exact_headroom: int | None):
-        self.gm, self.example_inputs, self.scheme, self.chunks = gm, example_inputs, scheme, recompute_chunks
+        self.gm, self.scheme, self.chunks = gm, scheme, recompute_chunks
+        self.example_inputs = [_hint(x) for x in example_inputs]  # (the analysis runs on this call's sizes)
         self.exact, self.exact_headroom = exact, exact_headroom
         self.compiled: dict[str, nn.Module] = {}  # branch graph code -> its compiled module, shared by layers
 
@@ -502,7 +503,7 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
                               f"{scheme.name!r}) (compile=True compiles its branches)")
     from torch._inductor.compile_fx import compile_fx
 
-    converter = _Converter(gm, [_hint(x) for x in example_inputs], scheme, chunks, exact, headroom)
+    converter = _Converter(gm, list(example_inputs), scheme, chunks, exact, headroom)
     # NOTE: Dynamo calls backends with lazily recompiled GraphModules switched on, and Dynamo will not trace a lazy
     # GraphModule's forward (a graph break in every compiled branch): the modules built here are made eagerly
     with _use_lazy_graph_module(False):
