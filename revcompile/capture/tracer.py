@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -152,10 +153,11 @@ def trace_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerTrace:
 def _recording_grad_mode(tracer: fx.Tracer):
     """While tracing, grad-mode switches in the layer's own code (`with torch.no_grad():`) become graph nodes, as in
     Dynamo's graphs; the trace starts with grad on, as a training call does (see passes/grad_mode.py)."""
-    switch = torch._C._set_grad_enabled
+    switch, tracing_thread = torch._C._set_grad_enabled, threading.get_ident()
 
     def record(mode: bool) -> None:
-        tracer.graph.call_function(switch, (bool(mode),))
+        if threading.get_ident() == tracing_thread:  # (another thread's switch is not the layer's code)
+            tracer.graph.call_function(switch, (bool(mode),))
         switch(mode)
 
     with torch.enable_grad():
