@@ -62,7 +62,7 @@ from .passes.extract import branch_graph_of, written_tensor
 from .passes.grad_mode import detach_where_grad_is_off, switches_grad_mode
 from .passes.residuals import SEQUENTIAL, NotReversible, Residual, find_residual_chain
 from .runtime.compiled import COMPILE_OPTIONS
-from .runtime.layer import PAIR_ROLES, StreamRuntime, inversion_disabled, splits_by_branch
+from .runtime.layer import PAIR_ROLES, StreamRuntime, inversion_disabled, reconstruction_observer, splits_by_branch
 from .runtime.streams import resolve_exact
 from .schemes import get_scheme
 from .schemes.branches import scheme_branches
@@ -147,7 +147,8 @@ class GraphLayer(nn.Module):
         if grad and not inversion_disabled():
             # NOTE: the parameters are graph inputs here, so they travel as context tensors: the Function returns
             # their gradients as it does for any context input that requires grad
-            return self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True)
+            return self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True,
+                                               observe=reconstruction_observer(self, hidden))
         return self.runtime.run_coupled(dict(self.branches), hidden, values)
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 
 import revcompile
 from revcompile.models import TINY_FAMILIES
+from revcompile.runtime.layer import observe_reconstruction
 from revcompile.capture.tracer import dynamic_names
 from revcompile.runtime.replay import run_recorded, run_replayed
 
@@ -169,17 +170,22 @@ def test_backend_converts_the_graph_dynamo_makes_for_a_new_sequence_length():
 _BACKEND_OPTIONS = {"gpt_oss": {"experts_implementation": "grouped_mm"}, "llama": {"attn_implementation": "sdpa"}}
 
 
+def backend_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A 3-layer tiny `name` to train through the backend, Dynamo's caches emptied first (the wrappers the families
+    share would reach its recompile limit)."""
+    torch._dynamo.reset()
+    options = _BACKEND_OPTIONS.get(name, {"experts_implementation": "grouped_mm", "attn_implementation": "sdpa"})
+    model = make_model(name, dtype, layers=3, **options)
+    model.config.use_cache = False
+    return model.train()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TINY_FAMILIES)
 def test_backend_converts_each_tiny_family_at_two_sequence_lengths(name):
     """Each family's three layers convert in Dynamo's graph for a first sequence length and in its symbolic-size
     graph for a second, and train like make_reversible at both."""
-    torch._dynamo.reset()  # each family's frames afresh: the wrappers they share would reach Dynamo's recompile limit
-    options = _BACKEND_OPTIONS.get(name, {"experts_implementation": "grouped_mm", "attn_implementation": "sdpa"})
-    models = [make_model(name, torch.float32, layers=3, **options) for _ in range(2)]
-    for model in models:
-        model.config.use_cache = False
-        model.train()
+    models = [backend_model(name, torch.float32) for _ in range(2)]
     eager, model = revcompile.make_reversible(models[0]), models[1]
     generator = torch.Generator().manual_seed(1)
     data = [torch.randint(3, model.config.vocab_size, (2, seq), generator=generator) for seq in (16, 24)]
@@ -203,6 +209,30 @@ def backend_converter(model, recompute_chunks: int | None = None):
     torch.compile(model, backend=capture)(ids, labels=ids)
     gm, example_inputs = graphs[0]
     return _Converter(gm, list(example_inputs), get_scheme("symplectic"), recompute_chunks, False, None)
+
+
+# NOTE: gpt_oss's compiled branches give other bits in the no-grad forward graph than in the recompute's with-grad
+# graph (Inductor compiles the two apart), so its rebuilt inputs are off by ~1e-3 (make_reversible(compile=True)
+# alike); README, Known limits. strict: a fix shows up as a failure here.
+_INEXACT_COMPILED = {"gpt_oss"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(
+    strict=True, reason="its no-grad and with-grad compiled graphs differ in bits")) if name in _INEXACT_COMPILED
+                                  else name for name in TINY_FAMILIES])
+def test_backend_rebuilds_every_input_bit_for_bit_in_bf16(name):
+    """In bf16 (exact streams), backward rebuilds every converted layer's input bit for bit from its output, in
+    Dynamo's graph for a first sequence length and in its symbolic-size graph for a second."""
+    model = backend_model(name, torch.bfloat16)
+    forward = torch.compile(model, backend="revcompile")
+    generator = torch.Generator().manual_seed(1)
+    for seq in (16, 24):
+        ids = torch.randint(3, model.config.vocab_size, (2, seq), generator=generator)
+        errors = []
+        with observe_reconstruction(lambda layer, error: errors.append(error)):
+            forward(ids, labels=ids).loss.backward()
+        assert errors == [0.0] * 3, (seq, errors)
 
 
 def test_backend_names_the_kv_cache_as_what_keeps_a_layer_unconverted():

@@ -78,6 +78,19 @@ def observe_reconstruction(observer: Callable[[nn.Module, float], None]):
     return _thread_setting("observer", observer)
 
 
+def reconstruction_observer(layer: nn.Module, hidden: torch.Tensor) -> Callable | None:
+    """Inside `observe_reconstruction`: the `observe` callback of one reversible call of `layer` on `hidden` (a
+    copy of the true input, compared with what backward rebuilds); else None."""
+    observer = getattr(_state, "observer", None)
+    if observer is None:
+        return None
+    true_input = hidden.detach().clone()
+
+    def observe(arithmetic: FloatStreams, rebuilt: torch.Tensor) -> None:
+        observer(layer, arithmetic.input_error(true_input, rebuilt))
+    return observe
+
+
 def _tag_of(hidden: torch.Tensor, name: str) -> Any:
     """Attribute `name` that a converted layer set on its output `hidden` (its Slot, or the exact reference's
     state), or None.
@@ -397,13 +410,8 @@ class LayerRuntime(StreamRuntime):
                                     collector is not None and ROUTER_LOGITS in collector)
 
         refuse_sharded_inside(layer)
-        observer, observe = getattr(_state, "observer", None), None
-        if observer is not None:
-            true_input = hidden.detach().clone()
-
-            def observe(arithmetic, rebuilt):
-                observer(layer, arithmetic.input_error(true_input, rebuilt))
-        return self.run_reversible(branches, hidden, values, params, layer.training, collector, observe)
+        return self.run_reversible(branches, hidden, values, params, layer.training, collector,
+                                   reconstruction_observer(layer, hidden))
 
 class ReversibleLayer:
     """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime.
