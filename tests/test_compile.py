@@ -213,7 +213,8 @@ def backend_converter(model, recompute_chunks: int | None = None):
 
 # NOTE: gpt_oss's compiled branches give other bits in the no-grad forward graph than in the recompute's with-grad
 # graph (Inductor compiles the two apart), so its rebuilt inputs are off by ~1e-3 (make_reversible(compile=True)
-# alike); README, Known limits. strict: a fix shows up as a failure here.
+# alike). Running the forward through the with-grad graph fixes it and breaks qwen2_moe, qwen3_moe and olmoe (their
+# recording and replaying graphs then differ): README, Known limits. strict: a fix shows up as a failure here.
 _INEXACT_COMPILED = {"gpt_oss"}
 
 
