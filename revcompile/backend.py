@@ -447,7 +447,7 @@ class _Converter:
                                         splits=splits_by_branch(self.scheme, SEQUENTIAL, found.by_token,
                                                                 found.by_sequence, self.chunks),
                                         batch_context=found.batch_context, exact=self.exact,
-                                        exact_headroom=self.exact_headroom)
+                                        exact_headroom=self.exact_headroom, compiled_branches=True)
                 sliced = sliced or bool(runtime.splits)
                 branches = scheme_branches(self.scheme, SEQUENTIAL, roles, {})
                 target = f"revcompile_layer_{len(calls)}"

@@ -44,7 +44,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
 from .hf_outputs import ROUTER_LOGITS, private_collector
-from .replay import AutocastState, Replay, run_recorded, run_replayed
+from .replay import AutocastState, Replay, run_recorded, run_recorded_again, run_replayed
 from .slicing import Piece, branch_pieces
 from .streams import FloatStreams
 
@@ -139,7 +139,8 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
     with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
         if piece is not None:  # sliced here, with grad: a context tensor that requires grad gets its gradient
             context = piece.context(context)
-        out = run_replayed(call.branches[step.branch], (*reads, *context), replay)
+        run = run_recorded_again if _one_graph(call) else run_replayed
+        out = run(call.branches[step.branch], (*reads, *context), replay)
     # NOTE: in the output's dtype, as autograd hands it to the branch in the reference: under autocast a bf16 branch
     # output added to an fp32 stream gets its gradient rounded to bf16, and a finer one here would differ from it
     outputs, grad_outputs = [out], [g_out.to(out.dtype)]
@@ -185,17 +186,40 @@ def step_pieces(runtime: "StreamRuntime", step, read: torch.Tensor, context: lis
     return branch_pieces(runtime.splits.get(step.branch), read, context, runtime.layouts)
 
 
+def _one_graph(call: CouplingCall) -> bool:
+    """Do forward and recompute run a branch through one and the same compiled graph?
+
+    NOTE: Inductor compiles a branch's no-grad graph apart from its with-grad graph, and the routing replayer makes
+    Dynamo trace yet another: graphs that may round differently (bf16: gpt_oss's no-grad and with-grad graphs,
+    qwen2_moe's recording and replaying ones), while exact streams need the recompute to return the forward's bits.
+    With exact streams the recompute gets the forward's very input, so it can record (and check) instead of
+    replaying, and the forward can run the with-grad graph: one graph for both.
+    """
+    return call.runtime.compiled_branches and call.streams.exact
+
+
+def _run_forward_branch(call: CouplingCall, branch, reads: list[torch.Tensor], context: list):
+    """One forward call of a branch, recording its routing and RNG: (output, replay). With `_one_graph`, through
+    the with-grad graph the recompute runs (reads requiring grad as there; what it saves is freed with its output,
+    inside this call)."""
+    if not _one_graph(call):
+        return run_recorded(branch, (*reads, *context), rng=call.training)
+    reads = [read.detach().requires_grad_(True) for read in reads]
+    with torch.enable_grad():
+        out, replay = run_recorded(branch, (*reads, *context), rng=call.training)
+    return out.detach(), replay
+
+
 def _forward_branch(call: CouplingCall, step, reads: list[torch.Tensor], context: list):
     """Run a step's branch in forward, recording each piece's routing and RNG: (output, [(piece, replay)])."""
     branch = call.branches[step.branch]
     pieces = step_pieces(call.runtime, step, reads[0], context, call.router_logits is not None)
     if pieces is None:
-        out, replay = run_recorded(branch, (*reads, *context), rng=call.training)
+        out, replay = _run_forward_branch(call, branch, reads, context)
         return out, [(None, replay)]
     outs, parts = [], []
     for piece in pieces:
-        out, replay = run_recorded(branch, (*(piece.take(read) for read in reads), *piece.context(context)),
-                                   rng=call.training)
+        out, replay = _run_forward_branch(call, branch, [piece.take(read) for read in reads], piece.context(context))
         outs.append(out)
         parts.append((piece, replay))
     return pieces[0].join(outs), parts

@@ -162,7 +162,7 @@ class StreamRuntime:
 
     def __init__(self, scheme: Scheme, is_first: bool, is_last: bool, splits: dict[str, Split],
                  batch_context: BatchContext | None = None, exact: bool | None = False,
-                 exact_headroom: int | None = None):
+                 exact_headroom: int | None = None, compiled_branches: bool = False):
         self.scheme = scheme
         self.splits = splits  # branch -> the pieces it runs in, forward and recompute (slicing.py)
         # the context layouts checked for slicing by batch (the probe's first), and every layout already looked at
@@ -174,6 +174,7 @@ class StreamRuntime:
         self.exact_headroom = exact_headroom
         self.inversions = InversionStats()
         self._float = FloatStreams(scheme)
+        self.compiled_branches = compiled_branches  # compiled graphs (compile=True, the backend): see function.py
 
     def streams(self, hidden: torch.Tensor, previous: FloatStreams | None) -> FloatStreams:
         """This call's stream arithmetic. The run's first layer chooses it: exact streams when asked for, or (exact
@@ -290,7 +291,8 @@ class LayerRuntime(StreamRuntime):
                  batch_context: BatchContext | None = None, compiler: BranchCompiler | None = None,
                  exact: bool | None = False, exact_headroom: int | None = None, form: str = SEQUENTIAL,
                  outputs: int | None = None, traced_training: bool = False):
-        super().__init__(scheme, is_first, is_last, splits, batch_context, exact, exact_headroom)
+        super().__init__(scheme, is_first, is_last, splits, batch_context, exact, exact_headroom,
+                         compiled_branches=compiler is not None)
         self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
         self.outputs = outputs  # how many values the original layer returns (None: one tensor, not a tuple)
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)

@@ -170,3 +170,21 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
     replayer = RoutingReplayer(replay.routing) if replay.routing else nullcontext()
     with (replay.rng.restored() if replay.rng else nullcontext()), replayer:
         return branch(*args)
+
+
+def run_recorded_again(branch: Callable, args: tuple, replay: Replay) -> Any:
+    """Call `branch(*args)` with the recorded call's RNG state, recording its choices anew (the forward's graph, not
+    the replayer's), and check that they are the recorded ones.
+
+    For a recompute handed the forward's very input (exact streams) by a branch whose graph is compiled: the
+    replayer would make Dynamo trace another graph, which Inductor may fuse into kernels that round otherwise.
+    """
+    recorder = RoutingRecorder()
+    with (replay.rng.restored() if replay.rng else nullcontext()), recorder:
+        out = branch(*args)
+    if len(recorder.choices) != len(replay.routing) or not all(
+            torch.equal(a, b) for a, b in zip(recorder.choices, replay.routing)):
+        raise RevcompileError("the recompute of a compiled branch chose other experts than its forward although it "
+                              "was given the same input: a non-deterministic kernel? make_reversible(..., "
+                              "compile=False) replays the choices")
+    return out
