@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in one command (a lent device gives about 10 minutes a command, 15 in all).
-# Each part has its own time limit, and the limits add up to 540 s, under the 600 s of one command, so that every
+# Each part has its own time limit, and the limits add up to 565 s, under the 600 s of one command, so that every
 # part comes back; results land in $OUT (or bench/results when OUT is unset), then go to bench/results and the
 # README by hand.
 #
@@ -36,3 +36,5 @@ part 210 python3 bench/gpu.py --out "$OUT" --budget-s 185 --methods checkpointin
 # 3. step time, eager and compiled, against HF checkpointing (issue 15)
 part 170 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT" \
     --methods plain compiled checkpointing checkpointing-compiled revcompile revcompile-compiled revcompile-backend
+# 4. the exact-stream step and undo, eager against compile=True's fused functions: kernels and time
+part 25 python3 bench/exact.py --kernels --device cuda --out "$OUT"

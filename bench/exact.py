@@ -9,6 +9,12 @@ in fp32, bf16 weights, fp32 weights under bf16 autocast and fp16 weights; the wo
 worst layer-gradient error over the 16 layers. Cost: one training step of the memory benchmark's tiny Mixtral
 (bf16, `--cost-depths` layers, batch 4 x 512) with exact and with float streams, child processes, peak RSS above the
 pre-step level and the median of 3 step times.
+
+    python bench/exact.py --kernels  # -> bench/results/exact_kernels_<device>.{md,json,png} (a minute)
+
+Kernels: one exact step and one undo on a stream of the GPU speed benchmark's size (8 x 1024 tokens x hidden 1024,
+bf16), eager (the operators dispatched) against compile=True's fused functions (`streams.compiled_steps`: the
+kernels in Inductor's generated code), each timed over 10 calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -56,7 +62,11 @@ def main() -> None:
     parser.add_argument("--scheme-family", default="olmoe", help="the family of the per-scheme table")
     parser.add_argument("--cost-depths", type=int, nargs="+", default=[8, 32], help="layers of the cost runs")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--kernels", action="store_true", help="only the eager vs compiled step kernels")
+    parser.add_argument("--device", default="cpu", help="--kernels: where the stream lives")
     args = parser.parse_args()
+    if args.kernels:
+        return kernels(args.device, args.out)
 
     jobs = [(f, "symplectic", e, p) for f in args.families for p in PRECISIONS for e in (True, False)]
     jobs += [(args.scheme_family, s, e, p) for s, e in SCHEMES if s != "symplectic" for p in PRECISIONS]
@@ -97,6 +107,87 @@ def main() -> None:
     with open(os.path.join(args.out, "exact.json"), "w") as f:
         json.dump({"precision": rows, "cost": costs}, f, indent=1)
     plot(rows, args.families, os.path.join(args.out, "exact.png"), args.layers)
+    print(text)
+
+
+def kernels(device: str, out: str, shape: tuple[int, ...] = (8, 1024, 1024)) -> None:
+    """Eager against compiled exact-stream arithmetic: kernels launched and time, for a step and an undo."""
+    import re
+    import time
+
+    from torch._inductor.utils import run_and_get_code
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from revcompile.runtime.streams import FixedPoint, compiled_steps, step_integers, undo_integers
+
+    class Operators(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not any(word in str(func) for word in ("view", "detach", "alias")):  # (no kernel)
+                self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    def milliseconds(fn, call_args, calls=10):
+        fn(*call_args)
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(*call_args)
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        return (time.perf_counter() - start) / calls * 1e3
+
+    generator = torch.Generator(device).manual_seed(0)
+    h = torch.randn(shape, generator=generator, device=device).to(torch.bfloat16)
+    fmt = FixedPoint.choose(h)
+    target, branch_out = fmt.quantize(h), torch.randn(shape, generator=generator, device=device).to(torch.bfloat16)
+    common = (target, branch_out, [], (), False, *fmt.grid(branch_out))
+    launch = re.compile(r"\btriton_\w+\.run\(" if device.startswith("cuda") else r"\bcpp_fused_\w+\(")
+    rows = []
+    for name, eager, fused, call_args in (("step", step_integers, compiled_steps()[0], (*common, fmt.overflow)),
+                                          ("undo", undo_integers, compiled_steps()[1], common)):
+        with Operators() as dispatched:
+            eager(*call_args)
+        _, codes = run_and_get_code(fused, *call_args)
+        launched = sum(len(launch.findall(code)) for code in codes)  # kernel calls in Inductor's wrapper code
+        rows.append(dict(op=name, eager_kernels=len(dispatched.names), eager_ops=" ".join(dispatched.names),
+                         eager_ms=milliseconds(eager, call_args), compiled_kernels=launched,
+                         compiled_ms=milliseconds(fused, call_args)))
+    table = tabulate([[r["op"], r["eager_kernels"], r["eager_ms"], r["compiled_kernels"], r["compiled_ms"],
+                       r["eager_ms"] / r["compiled_ms"]] for r in rows],
+                     headers=["", "eager kernels", "eager ms", "compiled kernels", "compiled ms", "eager / compiled"],
+                     tablefmt="github", floatfmt=".3g")
+    text = (f"# Exact-stream arithmetic, eager and compiled ({device})\n\n`python bench/exact.py --kernels --device "
+            f"{device}`: one step and one undo on a bf16 stream of {' x '.join(map(str, shape))} (int32 integers), "
+            "eager against `compiled_steps()` (what compile=True and the torch.compile backend run), 10 calls "
+            f"each after a warm-up.\n\n{table}\n\nEager operators: " +
+            "; ".join(f"{r['op']}: {r['eager_ops']}" for r in rows) + "\n")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"exact_kernels_{device.split(':')[0]}")
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump({"device": device, "shape": shape, "rows": rows}, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["eager_ms"] for r in rows], 0.4, label="eager")
+    ax.bar([i + 0.2 for i in x], [r["compiled_ms"] for r in rows], 0.4, label="compiled (compile=True, backend)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['eager_kernels']} kernels", (i - 0.2, r["eager_ms"]), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{r['compiled_kernels']}", (i + 0.2, r["compiled_ms"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [r["op"] for r in rows])
+    ax.set_ylabel("ms per call")
+    ax.set_title(f"exact-stream arithmetic, {device}, bf16 {' x '.join(map(str, shape))}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
     print(text)
 
 

@@ -23,6 +23,7 @@ import revcompile
 from revcompile.models import TINY_FAMILIES
 from revcompile.runtime.layer import observe_reconstruction
 from revcompile.capture.tracer import dynamic_names
+from revcompile.errors import RevcompileError
 from revcompile.runtime.replay import run_recorded, run_replayed
 
 FAMILIES = ("mixtral", "qwen2_moe")
@@ -305,3 +306,19 @@ def test_backend_is_registered_by_its_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                             check=True)
     assert result.stdout.split() == ["revcompile.backend", "revcompile_backend"]
+
+
+def test_a_compiled_recompute_that_chooses_other_experts_raises():
+    """Compiled branches with exact streams (bf16) record the recompute's expert choices again and compare them with
+    the forward's on the device: a difference (here the routers' weights negated between forward and backward)
+    raises at the end of the run's backward, instead of giving the gradient of other experts."""
+    torch.manual_seed(0)
+    model = revcompile.make_reversible(PlainLM(depth=2).to(torch.bfloat16), compile=True)
+    ids = torch.randint(0, 64, (2, 16))
+    model(ids).float().logsumexp(-1).mean().backward()  # the same choices: no error
+    loss = model(ids).float().logsumexp(-1).mean()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ff.router.weight.neg_()
+    with pytest.raises(RevcompileError, match="chose other experts"):
+        loss.backward()

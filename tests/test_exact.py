@@ -202,3 +202,27 @@ def test_gradients_are_bit_identical_at_depth(family, precision):
     assert nodes == 16 and ref_nodes == 0
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
     assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
+
+
+@pytest.mark.parametrize("dtype, scale, negate, coeffs", [(torch.bfloat16, 1.0, False, ()),
+                                                          (torch.float16, 0.3, True, (2,))])
+def test_compiled_steps_are_the_eager_integers(dtype, scale, negate, coeffs):
+    """compile=True's fused step and undo give the eager kernels' integers and range bound bit for bit (a power-of-two
+    scale in bf16, and a leapfrog-like step: negated target, a mixed stream, a scale that rounds in float32), and a
+    branch output that is not finite still flags the run."""
+    from revcompile.runtime.streams import compiled_steps, step_integers, undo_integers
+
+    generator = torch.Generator().manual_seed(0)
+    h = (3 * torch.randn(2, 24, 40, generator=generator)).to(dtype)
+    fmt = FixedPoint.choose(h)
+    target, mixed = fmt.quantize(h), fmt.quantize(torch.randn(h.shape, generator=generator).to(dtype))
+    out = (5 * torch.randn(h.shape, generator=generator)).to(dtype)
+    fused_step, fused_undo = compiled_steps()
+    args = (target, out, [mixed] * len(coeffs), coeffs, negate, *fmt.grid(out, scale))
+    new, bound = fused_step(*args, fmt.overflow)
+    expected_new, expected_bound = step_integers(*args, fmt.overflow)
+    assert torch.equal(new, expected_new) and torch.equal(bound, expected_bound) and 0 < float(bound) < fmt.limit
+    after = (new, *args[1:])
+    assert torch.equal(fused_undo(*after), undo_integers(*after)) and torch.equal(fused_undo(*after), target)
+    out[0, 0, 0] = float("nan")
+    assert not fused_step(*args, fmt.overflow)[1] < fmt.limit  # (nan compares False: raise_if_overflowed raises)

@@ -139,8 +139,11 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
     with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
         if piece is not None:  # sliced here, with grad: a context tensor that requires grad gets its gradient
             context = piece.context(context)
-        run = run_recorded_again if _one_graph(call) else run_replayed
-        out = run(call.branches[step.branch], (*reads, *context), replay)
+        if _one_graph(call):
+            out, differs = run_recorded_again(call.branches[step.branch], (*reads, *context), replay)
+            call.streams.flag_choices(differs)
+        else:
+            out = run_replayed(call.branches[step.branch], (*reads, *context), replay)
     # NOTE: in the output's dtype, as autograd hands it to the branch in the reference: under autocast a bf16 branch
     # output added to an fp32 stream gets its gradient rounded to bf16, and a finer one here would differ from it
     outputs, grad_outputs = [out], [g_out.to(out.dtype)]
@@ -341,6 +344,8 @@ class ReversibleCoupling(torch.autograd.Function):
             call.observe(arithmetic, arithmetic.unopen(streams) if rt.is_first else rebuilt)
 
         if rt.is_first:
+            if arithmetic.exact:
+                arithmetic.raise_if_choices_differed()  # (once per run: one host synchronisation)
             grad_x = scheme.open_grad(grads)
         else:
             grad_x = arithmetic.pack_grad(grads)

@@ -182,7 +182,9 @@ class StreamRuntime:
         what the previous layer of the run handed on (`previous`)."""
         if self.is_first:
             exact = self.exact if self.exact is not None else exact_by_default(hidden)
-            return ExactStreams(self.scheme, FixedPoint.choose(hidden, self.exact_headroom)) if exact else self._float
+            if not exact:
+                return self._float
+            return ExactStreams(self.scheme, FixedPoint.choose(hidden, self.exact_headroom), self.compiled_branches)
         if previous is not None:
             return previous
         if self.exact:

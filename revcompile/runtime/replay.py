@@ -172,19 +172,24 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
         return branch(*args)
 
 
-def run_recorded_again(branch: Callable, args: tuple, replay: Replay) -> Any:
+CHOICES_DIFFER = ("the recompute of a compiled branch chose other experts than its forward on the same input (a "
+                  "non-deterministic kernel, or weights changed between forward and backward?); make_reversible(..., "
+                  "compile=False) replays the forward's choices instead")
+
+
+def run_recorded_again(branch: Callable, args: tuple, replay: Replay) -> tuple[Any, torch.Tensor | None]:
     """Call `branch(*args)` with the recorded call's RNG state, recording its choices anew (the forward's graph, not
-    the replayer's), and check that they are the recorded ones.
+    the replayer's): (output, a 0-d bool tensor on the device, True where a choice differs from the recorded ones;
+    None for a branch that makes none).
 
     For a recompute handed the forward's very input (exact streams) by a branch whose graph is compiled: the
-    replayer would make Dynamo trace another graph, which Inductor may fuse into kernels that round otherwise.
+    replayer would make Dynamo trace another graph, which Inductor may fuse into kernels that round otherwise. The
+    comparison stays on the device (no host synchronisation per branch); the caller raises `CHOICES_DIFFER` once.
     """
     recorder = RoutingRecorder()
     with (replay.rng.restored() if replay.rng else nullcontext()), recorder:
         out = branch(*args)
-    if len(recorder.choices) != len(replay.routing) or not all(
-            torch.equal(a, b) for a, b in zip(recorder.choices, replay.routing)):
-        raise RevcompileError("the recompute of a compiled branch chose other experts than its forward although it "
-                              "was given the same input: a non-deterministic kernel? make_reversible(..., "
-                              "compile=False) replays the choices")
-    return out
+    if [c.shape for c in recorder.choices] != [c.shape for c in replay.routing]:
+        raise RevcompileError(CHOICES_DIFFER)
+    differs = [torch.ne(a, b).any() for a, b in zip(recorder.choices, replay.routing)]
+    return out, torch.stack(differs).any() if differs else None

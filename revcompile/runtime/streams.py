@@ -30,12 +30,14 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
 from ..coupling import Scheme, Step, weighted_sum
 from ..errors import RevcompileError
+from .replay import CHOICES_DIFFER
 
 INT_FOR = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64,
            torch.float64: torch.int64}
@@ -59,6 +61,7 @@ class FixedPoint:
     dtype: torch.dtype
     headroom: int
     overflow: torch.Tensor
+    factors: dict = field(default_factory=dict, repr=False)  # (scale, device) -> scale * 2**shift (`grid`)
 
     @classmethod
     def choose(cls, h: torch.Tensor, headroom: int | None = None) -> "FixedPoint":
@@ -85,26 +88,29 @@ class FixedPoint:
     def limit(self) -> float:
         return float(2 ** (torch.iinfo(self.int_dtype).bits - 1))
 
-    def on_grid(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """round(scale * x * 2**shift), still a float: its range is checked before it becomes an integer, as a float
-        out of the integer range has no integer to convert to.
+    def grid(self, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.dtype | None, torch.Tensor]:
+        """How x goes on the grid, round(scale * x * 2**shift): (the float type x is converted to first, or None;
+        the factor scale * 2**shift as a 0-d tensor on x's device, made once per run and scale, so that compiled
+        steps take it as an input, not as a constant to compile again for each run's shift).
 
         NOTE: a bf16 x scaled by a power of two stays in bf16: the product is exact (bf16 has float32's exponent
         range), and so is rounding it, so the integers are those of the float32 route without its stream-sized
         temporary and its conversion kernel. Another scale, or fp16 (whose range 2**shift would leave), goes
         through `arithmetic`.
         """
-        x = x.detach()
-        if x.dtype != torch.bfloat16 or math.frexp(abs(scale))[0] != 0.5:
-            x = x.to(self.arithmetic)
-        return torch.round(x * (scale * 2.0 ** self.shift))
+        upcast = None if x.dtype == torch.bfloat16 and math.frexp(abs(scale))[0] == 0.5 else self.arithmetic
+        key = (scale, x.device)
+        if key not in self.factors:  # (a fill kernel: no copy from the host, no synchronisation)
+            self.factors[key] = torch.full((), scale * 2.0 ** self.shift, dtype=self.arithmetic, device=x.device)
+        return upcast, self.factors[key]
 
-    def quantize(self, x: torch.Tensor, scale: float = 1.0, check: bool = True) -> torch.Tensor:
-        """round(scale * x * 2**shift) as integers; flags a value outside the range (unless `check` is False: undo
-        subtracts values that forward already checked)."""
-        y = self.on_grid(x, scale)
-        if check:
-            self.flag(_float_magnitude(y))
+    def quantize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """round(scale * x * 2**shift) as integers; flags a value outside the range.
+
+        NOTE: rounded as a float first, and its range checked there: a float out of the integer range has no
+        integer to convert to."""
+        y = _on_grid(x.detach(), *self.grid(x, scale))
+        self.flag(_float_magnitude(y))
         return y.to(self.int_dtype)
 
     def dequantize(self, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -244,10 +250,21 @@ class ExactStreams(FloatStreams):
 
     exact = True
 
-    def __init__(self, scheme: Scheme, fmt: FixedPoint):
+    def __init__(self, scheme: Scheme, fmt: FixedPoint, compiled: bool = False):
         super().__init__(scheme)
         self.fmt = fmt
         self.integers = set(updated_streams(scheme))
+        self._kernels = compiled_steps() if compiled else (step_integers, undo_integers)
+        self.choices_differ: torch.Tensor | None = None  # a compiled recompute's expert choices (function.py)
+
+    def flag_choices(self, differs: torch.Tensor | None) -> None:
+        """Record (on the device) whether a recompute chose other experts than its forward."""
+        if differs is not None:
+            self.choices_differ = differs if self.choices_differ is None else self.choices_differ | differs
+
+    def raise_if_choices_differed(self) -> None:
+        if self.choices_differ is not None and bool(self.choices_differ):
+            raise RevcompileError(CHOICES_DIFFER)
 
     def open(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {s: self.fmt.quantize(h, c) if s in self.integers else (h if c == 1 else c * h)
@@ -259,25 +276,18 @@ class ExactStreams(FloatStreams):
     def _integer(self, state: dict[str, torch.Tensor], stream: str) -> torch.Tensor:
         return state[stream] if stream in self.integers else self.fmt.quantize(state[stream])
 
+    def _step_args(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> tuple:
+        mixes = [self._integer(state, source) for source, _ in step.mix]
+        coeffs = tuple(int(coeff) for _, coeff in step.mix)
+        return (state[step.target], out.detach(), mixes, coeffs, step.scale == -1,
+                *self.fmt.grid(out, step.branch_scale))
+
     def apply(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        scaled = self.fmt.on_grid(out, step.branch_scale)
-        target = state[step.target]
-        new = target if step.scale == 1 else -target
-        bound = _magnitude(target) + _float_magnitude(scaled)  # (bounds the delta too: checked once, as a sum)
-        delta = scaled.to(self.fmt.int_dtype)
-        del scaled
-        for source, coeff in step.mix:
-            value = self._integer(state, source)
-            new = new + int(coeff) * value
-            bound = bound + abs(coeff) * _magnitude(value)
-        self.fmt.flag(bound)
-        return new + delta
+        new, self.fmt.overflow = self._kernels[0](*self._step_args(step, state, out), self.fmt.overflow)
+        return new
 
     def undo(self, step: Step, state: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        old = state[step.target] - self.fmt.quantize(out, step.branch_scale, check=False)
-        for source, coeff in step.mix:
-            old = old - int(coeff) * self._integer(state, source)
-        return old if step.scale == 1 else -old
+        return self._kernels[1](*self._step_args(step, state, out))
 
     def merge(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         values = ((self.fmt.dequantize(state[s], self.fmt.arithmetic) if s in self.integers
@@ -316,6 +326,45 @@ class ExactStreams(FloatStreams):
             return super().input_error(self.unopen(self.open(true)), rebuilt)
         true, rebuilt = true.view(self.fmt.int_dtype), rebuilt.view(self.fmt.int_dtype)
         return _relative((rebuilt - true).double(), true.double())
+
+
+def _on_grid(x: torch.Tensor, upcast: torch.dtype | None, factor: torch.Tensor) -> torch.Tensor:
+    return torch.round((x if upcast is None else x.to(upcast)) * factor)
+
+
+def step_integers(target: torch.Tensor, out: torch.Tensor, mixes: list[torch.Tensor], coeffs: tuple[int, ...],
+                  negate: bool, upcast: torch.dtype | None, factor: torch.Tensor,
+                  overflow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact step on integers: (±target + sum(c * mix) + round(out * factor), overflow raised to the bound on
+    that result). `undo_integers` with the same arguments returns `target` again, bit for bit."""
+    scaled = _on_grid(out, upcast, factor)
+    bound = _magnitude(target) + _float_magnitude(scaled)  # (bounds the delta too: checked once, as a sum)
+    delta = scaled.to(target.dtype)
+    del scaled  # (eager: the float temporary goes before the sum is made)
+    new = -target if negate else target
+    for value, coeff in zip(mixes, coeffs):
+        new = new + coeff * value
+        bound = bound + abs(coeff) * _magnitude(value)
+    return new + delta, torch.maximum(overflow, bound)
+
+
+def undo_integers(target: torch.Tensor, out: torch.Tensor, mixes: list[torch.Tensor], coeffs: tuple[int, ...],
+                  negate: bool, upcast: torch.dtype | None, factor: torch.Tensor) -> torch.Tensor:
+    """The old target of `step_integers`, from its new one and the same branch output."""
+    old = target - _on_grid(out, upcast, factor).to(target.dtype)
+    for value, coeff in zip(mixes, coeffs):
+        old = old - coeff * value
+    return -old if negate else old
+
+
+# NOTE: compiled steps (compile=True and the torch.compile backend). Eager, a step is about ten kernels, each a pass
+# over a stream (scale, round, two range reductions, convert, add, ...); Inductor fuses them into one or two. The
+# integers are the eager ones: scaling by a power of two, rounding and converting an integral float are exact in
+# any kernel, and a non-power-of-two scale is one float32 product in both (tests/test_exact.py compares them).
+@cache
+def compiled_steps() -> tuple:
+    """(step_integers, undo_integers) compiled with Inductor, once per process (shared by every model)."""
+    return torch.compile(step_integers), torch.compile(undo_integers)
 
 
 def _magnitude(v: torch.Tensor) -> torch.Tensor:
