@@ -9,6 +9,8 @@ checkpointing in the same mode (compiled compared with compiled); and the FLOPs 
     python bench/speed.py --small --out /tmp/s    # a dry run of the script, tiny config
     python bench/speed.py --profile               # also: where the time of a step goes, per method
     python bench/speed.py --cpu-seconds           # CPU seconds of one thread per step: steady on a loaded machine
+    python bench/speed.py --cpu-seconds --dtype bfloat16 --set batch=2 seq=256 --out bench/results/compiled_bf16
+                                                  # another config: entries overridden
 
 Config (compute dominates): tiny Mixtral, hidden 256, 4 layers, 8 heads, 4 experts top-2 (intermediate 512),
 Hugging Face's "grouped_mm" experts (the "eager" ones break Dynamo's graph), sdpa attention, fp32, batch 4 x 512
@@ -189,6 +191,7 @@ def profile_table(trainers: dict[str, Trainer], methods: list[str], steps: int =
 def measure(args: argparse.Namespace) -> dict:
     config = SMALL if args.small else LARGE_CUDA_CONFIG if args.large else \
         CUDA_CONFIG if args.device.startswith("cuda") else CONFIG
+    config = dict(config, **args.set)
     if args.cpu_seconds:
         torch.set_num_threads(1)
     clock = time.process_time if args.cpu_seconds else time.perf_counter
@@ -335,9 +338,16 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", action="store_true", help="CPU: one thread, each step timed in the "
                         "process's CPU seconds (other processes on the machine barely move it), results to "
                         "speed_cpu_seconds.*")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=N",
+                        help="override config entries (hidden_size=128 batch=2 seq=256 ...)")
     parser.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot")
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
+    overrides = args.set
+    args.set = {key: int(value) for key, value in (item.split("=", 1) for item in overrides)}
+    unknown = set(args.set) - set(CONFIG)
+    if unknown:
+        parser.error(f"--set: unknown config entries {sorted(unknown)}; known: {sorted(CONFIG)}")
     args.methods = args.methods or list(LARGE_METHODS if args.large else SPEED_METHODS)
     allocator_unset = any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items())
     if args.device == "cpu" and not args.from_json and allocator_unset:
@@ -353,7 +363,7 @@ def main() -> None:
     command = "python bench/speed.py" + (f" --device {args.device}" if args.device != "cpu" else "") + \
         (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + (" --large" if args.large else "") + \
         (" --cpu-seconds" if args.cpu_seconds else "") + (" --small" if args.small else "") + \
-        (" --profile" if args.profile else "")
+        (" --profile" if args.profile else "") + (" --set " + " ".join(overrides) if overrides else "")
     text = report(result, stem, command)
     with open(stem + ".md", "w") as f:
         f.write(text)

@@ -30,9 +30,12 @@ goes to Inductor unchanged, with one log line saying why.
 NOTE: why not call make_reversible on the module from here. The backend never sees the module, only a graph, and
 Dynamo may hand it any part of the model (a graph break splits one forward into several graphs). Converting the
 graph it is given keeps the backend honest about what it converted: exactly the layers whole in that graph.
+Values a layer hands to the rest of the graph besides its output (Hugging Face's router logits, collected for the
+load-balancing loss) convert when its FFN/MoE branch computes them: that branch is cut out returning them too
+(`HandsOut`), and the reversible Function returns them as it returns make_reversible's collected router logits.
 Limits: a layer split by a graph break (Hugging Face's "eager" experts loop breaks the graph at `nonzero`: use
-`experts_implementation="grouped_mm"`) is not converted; schemes that add modules (MEFT adapters, RevFFN
-projections) need make_reversible, which owns the model.
+`experts_implementation="grouped_mm"`) is not converted, nor one that hands out a KV cache; schemes that add modules
+(MEFT adapters, RevFFN projections) need make_reversible, which owns the model.
 
 Dynamic shapes: after a second sequence length Dynamo compiles again with symbolic sizes; that graph converts
 the same way (the analysis runs on this call's sizes, `_hint`), and serves every later length.
@@ -41,9 +44,11 @@ the same way (the analysis runs on this call's sizes, `_hint`), and serves every
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +67,7 @@ from .passes.extract import branch_graph_of, written_tensor
 from .passes.grad_mode import detach_where_grad_is_off, switches_grad_mode
 from .passes.residuals import SEQUENTIAL, NotReversible, Residual, find_residual_chain
 from .runtime.compiled import COMPILE_OPTIONS
+from .runtime.hf_outputs import ROUTER_LOGITS, active_collector, private_collector
 from .runtime.layer import PAIR_ROLES, StreamRuntime, inversion_disabled, reconstruction_observer, splits_by_branch
 from .runtime.streams import resolve_exact
 from .schemes import get_scheme
@@ -94,6 +100,7 @@ class _Layer:
     hidden: fx.Node | None = None
     inputs: list[fx.Node] | None = None  # in the order of the layer graph's placeholders after "hidden"
     structure: _Structure | NotReversible | None = None
+    hands_out: list[fx.Node] = field(default_factory=list)  # other values the rest of the graph reads (router logits)
 
 
 @dataclass
@@ -106,6 +113,7 @@ class _Structure:
     kinds: list[str] | None = None
     classified: Classified | None = None
     roles: dict[str, nn.Module] | None = None
+    handing_graph: fx.Graph | None = None  # the FFN/MoE branch returning (output, *values the layer hands out)
 
 
 class CompileOnFirstCall(nn.Module):
@@ -135,25 +143,46 @@ class GraphLayer(nn.Module):
     """A converted layer of a Dynamo graph: `(hidden or packed streams, *inputs) -> output`, run reversibly in
     training (grad enabled, an input requiring grad) and as the plain coupled computation otherwise."""
 
-    def __init__(self, runtime: StreamRuntime, branches: dict[str, nn.Module], name: str):
+    def __init__(self, runtime: StreamRuntime, branches: dict[str, nn.Module], name: str, hands_out: int = 0):
         super().__init__()
-        self.runtime, self.name = runtime, name
+        self.runtime, self.name, self.hands_out = runtime, name, hands_out
         self.branches = nn.ModuleDict(branches)
 
-    def forward(self, hidden: torch.Tensor, *inputs: Any) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, *inputs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The layer's output; with `hands_out`, (output, *the values its FFN/MoE branch handed out)."""
         values = list(inputs)
         grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
                                                for v in (hidden, *values))
-        if grad and not inversion_disabled():
-            # NOTE: the parameters are graph inputs here, so they travel as context tensors: the Function returns
-            # their gradients as it does for any context input that requires grad
-            return self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True,
-                                               observe=reconstruction_observer(self, hidden))
-        return self.runtime.run_coupled(dict(self.branches), hidden, values)
+        # what a HandsOut branch hands out in this call
+        with private_collector(ROUTER_LOGITS) if self.hands_out else nullcontext() as collected:
+            if grad and not inversion_disabled():
+                # NOTE: the parameters are graph inputs here, so they travel as context tensors: the Function
+                # returns their gradients as it does for any context input that requires grad
+                out = self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True,
+                                                  collector=collected, observe=reconstruction_observer(self, hidden))
+            else:
+                out = self.runtime.run_coupled(dict(self.branches), hidden, values, collected is not None)
+        return (out, *collected[ROUTER_LOGITS]) if self.hands_out else out
 
     def extra_repr(self) -> str:
         rt = self.runtime
         return f"{self.name}, {rt.scheme.name}, first={rt.is_first}, last={rt.is_last}"
+
+
+class HandsOut(nn.Module):
+    """A branch that also returns values the layer hands to the rest of the graph (router logits): returns the
+    branch's output and puts those values into the active collector, as Hugging Face's output hooks do, so that the
+    reversible Function returns them from forward and takes their gradients in backward (`runtime/hf_outputs.py`).
+    """
+
+    def __init__(self, branch: nn.Module):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        out, *handed = self.branch(*args)
+        active_collector()[ROUTER_LOGITS].extend(handed)
+        return out
 
 
 def _layer_of(node: fx.Node) -> tuple[str, int] | None:
@@ -189,6 +218,25 @@ def _layer_graph(layer: _Layer, hidden: fx.Node, inputs: list[fx.Node]) -> fx.Gr
     graph.output(env[layer.output])
     detach_where_grad_is_off(graph)  # a no_grad block in the layer's code (PhiMoE's router): see grad_mode.py
     return graph
+
+
+def _handed_out(layer: _Layer, graph: fx.Graph, chain: list[Residual]) -> fx.Graph | None:
+    """The layer's FFN/MoE branch as a graph that also returns the values the layer hands to the rest of the graph
+    (Hugging Face's router logits, collected for the load-balancing loss); None when it hands out nothing;
+    NotReversible when its FFN/MoE branch does not compute them all."""
+    if not layer.hands_out:
+        return None
+    by_name = {node.name: node for node in graph.nodes}
+    handed = tuple(by_name[f"v{layer.nodes.index(node)}"] for node in layer.hands_out)  # (_layer_graph's names)
+    trace = LayerTrace(graph, "hidden", tuple((f"input_{k}", ...) for k in range(len(layer.inputs))))
+    try:
+        return branch_graph_of(trace, chain[1], handed)
+    except NotReversible:
+        extra = ", ".join(node.name for node in layer.hands_out)
+        raise NotReversible(
+            f"it hands {len(handed)} more values than its output to the rest of the graph ({extra}), not all made "
+            "by its FFN/MoE branch (router logits are): a KV cache (train with use_cache=False, as Hugging Face "
+            "checkpointing does), or state passed between layers") from None
 
 
 def _cut(layer: _Layer, position: dict[fx.Node, int], previous: fx.Node | None) -> tuple[fx.Graph, list[Residual]]:
@@ -343,15 +391,7 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
             inside = set(nodes)
             outputs = [n for n in nodes if any(user not in inside for user in n.users)]
             name = f"{_ROOT.sub('', stack)}.{index}"
-            layer = _Layer(name, nodes, outputs[-1] if outputs else nodes[-1])
-            if len(outputs) != 1:
-                extra = ", ".join(node.name for node in outputs[:-1])
-                layer.structure = NotReversible(
-                    f"it hands {len(outputs) - 1} more values than its output to the rest of the graph ({extra}): a "
-                    "KV cache (train with use_cache=False, as Hugging Face checkpointing does), router logits "
-                    "collected for the load-balancing loss (make_reversible(model, compile=True) collects them), "
-                    "or state passed between layers")
-            layers.append(layer)
+            layers.append(_Layer(name, nodes, outputs[-1] if outputs else nodes[-1], hands_out=outputs[:-1]))
         result[stack] = layers
     return result
 
@@ -383,11 +423,12 @@ class _Converter:
                 if layer.structure is None:
                     try:
                         graph, chain = _cut(layer, position, previous)
-                        key = fx.GraphModule(self.gm, graph).code
+                        key = (fx.GraphModule(self.gm, graph).code, tuple(map(layer.nodes.index, layer.hands_out)))
                         if key not in structures:
                             trace = LayerTrace(graph, "hidden", tuple((f"input_{k}", ...)
                                                                       for k in range(len(layer.inputs))))
-                            structures[key] = _Structure(graph, chain, [branch_graph_of(trace, r) for r in chain])
+                            structures[key] = _Structure(graph, chain, [branch_graph_of(trace, r) for r in chain],
+                                                         handing_graph=_handed_out(layer, graph, chain))
                         layer.structure = structures[key]
                     except NotReversible as err:
                         layer.structure = err
@@ -426,11 +467,14 @@ class _Converter:
         """The structure's branches compiled with Inductor, one compiled module per distinct branch graph."""
         if structure.roles is None:
             structure.roles = {}
-            for role, graph in zip(PAIR_ROLES, structure.branch_graphs):
+            graphs = structure.branch_graphs[:1] + [structure.handing_graph or structure.branch_graphs[1]]
+            for role, graph in zip(PAIR_ROLES, graphs):
                 code = fx.GraphModule(self.gm, graph).code
                 if code not in self.compiled:
                     self.compiled[code] = CompileOnFirstCall(self.gm, graph, f"{role.title()}Branch", COMPILE_OPTIONS)
                 structure.roles[role] = self.compiled[code]
+            if structure.handing_graph is not None:
+                structure.roles[PAIR_ROLES[1]] = HandsOut(structure.roles[PAIR_ROLES[1]])
         return structure.roles
 
     def rewrite(self, runs: list[list[_Layer]]) -> fx.GraphModule:
@@ -451,14 +495,18 @@ class _Converter:
                 sliced = sliced or bool(runtime.splits)
                 branches = scheme_branches(self.scheme, SEQUENTIAL, roles, {})
                 target = f"revcompile_layer_{len(calls)}"
-                self.gm.add_submodule(target, GraphLayer(runtime, branches, layer.name))
+                self.gm.add_submodule(target, GraphLayer(runtime, branches, layer.name, len(layer.hands_out)))
                 with graph.inserting_before(layer.nodes[0]):
                     call = graph.call_module(target, tuple(replaced.get(n, n) for n in (layer.hidden, *layer.inputs)))
-                layer.output.replace_all_uses_with(call)
-                replaced[layer.output] = call
+                    results = [call] if not layer.hands_out else \
+                        [graph.call_function(operator.getitem, (call, k)) for k in range(1 + len(layer.hands_out))]
+                inside = set(layer.nodes)
+                for node, result in zip((layer.output, *layer.hands_out), results):
+                    node.replace_all_uses_with(result, delete_user_cb=lambda user: user not in inside)
+                replaced[layer.output] = results[0]
                 for node in reversed(layer.nodes):
                     graph.erase_node(node)
-                calls.add(call)
+                calls.update((call, *results))
         if self.chunks not in (None, 1) and not sliced:
             log.warning("revcompile backend: recompute_chunks=%s has no effect: Dynamo's graph writes the sizes into "
                         "the branches (constants, or size symbols of the whole batch), so no branch runs by slices; "

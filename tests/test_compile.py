@@ -152,6 +152,26 @@ def test_backend_converts_and_trains_like_make_reversible(caplog):
     assert run["counts"][-1] == run["counts"][0]
 
 
+def with_router_logits(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` collecting its router logits for the load-balancing loss, weighted heavily enough to show in the
+    routers' gradients."""
+    model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.5
+    return model
+
+
+def test_backend_converts_layers_whose_router_logits_are_collected():
+    """With output_router_logits=True each layer's router logits leave the layer in Dynamo's graph, for the
+    load-balancing loss. The MoE branch hands them out through the reversible Function (which takes their
+    gradient in backward): every layer converts, and losses (the aux loss in them) and gradients, the routers'
+    included, are make_reversible's."""
+    eager = revcompile.make_reversible(with_router_logits(tiny("mixtral")))
+    model = with_router_logits(tiny("mixtral"))
+    data = batches(model)[:2]
+    run = train(model, data, forward=torch.compile(model, backend="revcompile"))
+    assert run["nodes"] == [3] * len(data)
+    assert_same_training(run, train(eager, data))
+
+
 def test_backend_converts_the_graph_dynamo_makes_for_a_new_sequence_length():
     """A second sequence length makes Dynamo compile again with symbolic sizes (its automatic dynamic shapes): that
     graph converts too, trains like make_reversible at every length, and the lengths after it compile nothing."""
@@ -193,6 +213,33 @@ def test_backend_converts_each_tiny_family_at_two_sequence_lengths(name):
     run = train(model, data, forward=torch.compile(model, backend="revcompile"))
     assert run["nodes"] == [3, 3]
     assert_same_training(run, train(eager, data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in TINY_FAMILIES if name != "llama"])
+def test_backend_converts_each_tiny_moe_family_with_router_logits(name):
+    """Each MoE family's three layers convert with output_router_logits=True and train like make_reversible, the
+    load-balancing loss's gradient included."""
+    eager, model = (revcompile.make_reversible(with_router_logits(backend_model(name, torch.float32))),
+                    with_router_logits(backend_model(name, torch.float32)))
+    data = batches(model)[:2]
+    run = train(model, data, forward=torch.compile(model, backend="revcompile"))
+    assert run["nodes"] == [3, 3]
+    assert_same_training(run, train(eager, data))
+
+
+@pytest.mark.slow
+def test_backend_with_router_logits_in_bf16_is_its_reference_bit_for_bit():
+    """In bf16 (exact streams) a tiny Mixtral collecting router logits trains through the backend with losses (the
+    aux loss in them) and gradients equal to its disable_inversion() reference's, bit for bit."""
+    models = [with_router_logits(backend_model("mixtral", torch.bfloat16)) for _ in range(2)]
+    data = batches(models[0])[:2]
+    run, reference = (train(model, data, forward=torch.compile(model, backend="revcompile"), reference=k == 1)
+                      for k, model in enumerate(models))
+    assert run["nodes"] == [3, 3] and reference["nodes"] == [0, 0]
+    assert run["loss"] == reference["loss"]
+    for grads, ref in zip(run["grads"], reference["grads"]):
+        assert grads.keys() == ref.keys() and all(torch.equal(grads[n], ref[n]) for n in ref)
 
 
 def backend_converter(model, recompute_chunks: int | None = None):

@@ -17,7 +17,7 @@ import operator
 from torch import fx
 
 from ..capture.tracer import LayerTrace
-from .residuals import Residual, hidden_output
+from .residuals import NotReversible, Residual, hidden_output
 
 
 def writes_in_place(node: fx.Node) -> bool:
@@ -52,8 +52,10 @@ def written_tensor(node: fx.Node) -> fx.Node | None:
     return target
 
 
-def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
-    """A new graph computing `residual.branch` from the placeholder `x` and the layer's context placeholders."""
+def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.Node, ...] = ()) -> fx.Graph:
+    """A new graph computing `residual.branch` from the placeholder `x` and the layer's context placeholders; with
+    `hands_out` (values of the branch the layer hands to the rest of the model: router logits), the graph returns
+    `(branch, *hands_out)`, or raises NotReversible when one of them is not computed on the way to the branch."""
     # NOTE: a graph of torch-level ops (Dynamo's) may fill a tensor in place, directly (`inv_perm[perm] = arange(n)`)
     # or through a view (DeepSeek-V3's attention: `key_states = k.new_empty(...)`, then `key_states[..., :d] = k_nope`
     # as a slice's `copy_`); the write has no user, so data flow alone would leave it out and the branch would read
@@ -83,7 +85,10 @@ def branch_graph_of(trace: LayerTrace, residual: Residual) -> fx.Graph:
             env[node] = graph.node_copy(node, lambda n: env[n])
         elif node in needed and node not in env:
             raise AssertionError(f"branch reads the layer input {node.target} other than through its stream")
-    graph.output(env[residual.branch])
+    outside = [node.name for node in hands_out if node not in needed]
+    if outside:
+        raise NotReversible(f"values handed out ({', '.join(outside)}) are not computed on the way to the branch")
+    graph.output((env[residual.branch], *(env[node] for node in hands_out)) if hands_out else env[residual.branch])
     graph.lint()
     return graph
 
