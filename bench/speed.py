@@ -9,7 +9,7 @@ checkpointing in the same mode (compiled compared with compiled); and the FLOPs 
     python bench/speed.py --small --out /tmp/s    # a dry run of the script, tiny config
     python bench/speed.py --profile               # also: where the time of a step goes, per method
     python bench/speed.py --cpu-seconds           # CPU seconds of one thread per step: steady on a loaded machine
-    python bench/speed.py --cpu-seconds --dtype bfloat16 --set batch=2 seq=256 --out bench/results/compiled_bf16
+    python bench/speed.py --cpu-seconds --dtype bfloat16 --set batch=2 seq=256 --out bench/results/bf16
                                                   # another config: entries overridden
 
 Config (compute dominates): tiny Mixtral, hidden 256, 4 layers, 8 heads, 4 experts top-2 (intermediate 512),
