@@ -375,13 +375,31 @@ def test_backend_is_registered_by_its_entry_point(tmp_path):
     assert result.stdout.split() == ["revcompile.backend", "revcompile_backend"]
 
 
-def test_a_compiled_recompute_that_chooses_other_experts_raises():
+@pytest.fixture(scope="module")
+def compiled_bf16_plain_lm():
+    """A 2-block plain MoE LM in bf16 (exact streams) with compiled branches, and a batch for it."""
+    torch.manual_seed(0)
+    return revcompile.make_reversible(PlainLM(depth=2).to(torch.bfloat16), compile=True), torch.randint(0, 64, (2, 16))
+
+
+def test_exact_steps_at_a_new_grid_compile_nothing(compiled_bf16_plain_lm):
+    """Each run chooses its fixed-point grid from its input; compiled steps take the grid's scale as a tensor, so
+    steps on inputs ten and a hundred times larger (other grids) compile nothing more than the first step did."""
+    model, ids = compiled_bf16_plain_lm
+    counts = []
+    for scale in (1.0, 10.0, 10.0):
+        with torch.no_grad():
+            model.embed.weight.mul_(scale)
+        model(ids).float().logsumexp(-1).mean().backward()
+        counts.append(compile_counts())
+    assert counts[2] == counts[1] == counts[0]
+
+
+def test_a_compiled_recompute_that_chooses_other_experts_raises(compiled_bf16_plain_lm):
     """Compiled branches with exact streams (bf16) record the recompute's expert choices again and compare them with
     the forward's on the device: a difference (here the routers' weights negated between forward and backward)
     raises at the end of the run's backward, instead of giving the gradient of other experts."""
-    torch.manual_seed(0)
-    model = revcompile.make_reversible(PlainLM(depth=2).to(torch.bfloat16), compile=True)
-    ids = torch.randint(0, 64, (2, 16))
+    model, ids = compiled_bf16_plain_lm
     model(ids).float().logsumexp(-1).mean().backward()  # the same choices: no error
     loss = model(ids).float().logsumexp(-1).mean()
     with torch.no_grad():
