@@ -344,10 +344,10 @@ def main() -> None:
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
     overrides = args.set
-    args.set = {key: int(value) for key, value in (item.split("=", 1) for item in overrides)}
-    unknown = set(args.set) - set(CONFIG)
-    if unknown:
-        parser.error(f"--set: unknown config entries {sorted(unknown)}; known: {sorted(CONFIG)}")
+    pairs = [item.split("=", 1) for item in overrides]
+    if any(len(pair) != 2 or pair[0] not in CONFIG or not pair[1].isdigit() for pair in pairs):
+        parser.error(f"--set takes KEY=N with N a whole number and KEY one of {sorted(CONFIG)}; got {overrides}")
+    args.set = {key: int(value) for key, value in pairs}
     args.methods = args.methods or list(LARGE_METHODS if args.large else SPEED_METHODS)
     allocator_unset = any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items())
     if args.device == "cpu" and not args.from_json and allocator_unset:

@@ -220,23 +220,22 @@ def _layer_graph(layer: _Layer, hidden: fx.Node, inputs: list[fx.Node]) -> fx.Gr
     return graph
 
 
-def _handed_out(layer: _Layer, graph: fx.Graph, chain: list[Residual]) -> fx.Graph | None:
+def _handed_out(layer: _Layer, trace: LayerTrace, chain: list[Residual]) -> fx.Graph | None:
     """The layer's FFN/MoE branch as a graph that also returns the values the layer hands to the rest of the graph
     (Hugging Face's router logits, collected for the load-balancing loss); None when it hands out nothing;
     NotReversible when its FFN/MoE branch does not compute them all."""
     if not layer.hands_out:
         return None
-    by_name = {node.name: node for node in graph.nodes}
+    by_name = {node.name: node for node in trace.graph.nodes}
     handed = tuple(by_name[f"v{layer.nodes.index(node)}"] for node in layer.hands_out)  # (_layer_graph's names)
-    trace = LayerTrace(graph, "hidden", tuple((f"input_{k}", ...) for k in range(len(layer.inputs))))
     try:
         return branch_graph_of(trace, chain[1], handed)
     except NotReversible:
         extra = ", ".join(node.name for node in layer.hands_out)
         raise NotReversible(
-            f"it hands {len(handed)} more values than its output to the rest of the graph ({extra}), not all made "
-            "by its FFN/MoE branch (router logits are): a KV cache (train with use_cache=False, as Hugging Face "
-            "checkpointing does), or state passed between layers") from None
+            f"it hands {len(handed)} more values than its output to the rest of the graph ({extra}), not all "
+            "computed from its FFN/MoE branch's input (router logits are): a KV cache (train with use_cache=False, "
+            "as Hugging Face checkpointing does), or state passed between layers") from None
 
 
 def _cut(layer: _Layer, position: dict[fx.Node, int], previous: fx.Node | None) -> tuple[fx.Graph, list[Residual]]:
@@ -428,7 +427,7 @@ class _Converter:
                             trace = LayerTrace(graph, "hidden", tuple((f"input_{k}", ...)
                                                                       for k in range(len(layer.inputs))))
                             structures[key] = _Structure(graph, chain, [branch_graph_of(trace, r) for r in chain],
-                                                         handing_graph=_handed_out(layer, graph, chain))
+                                                         handing_graph=_handed_out(layer, trace, chain))
                         layer.structure = structures[key]
                     except NotReversible as err:
                         layer.structure = err

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_layer
-from .capture.probe import eval_mode
+from .capture.probe import eval_mode, stored_with_gradient
 from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .distributed import ORDER, refuse_wrapped
 from .errors import RevcompileError
@@ -267,6 +267,14 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                     # converted otherwise. The layers trace again on their first call in training.
                     with eval_mode(layer):
                         structures[key] = _analyze_layer(layer, call)
+                    stored = stored_with_gradient(layer, call)
+                    if stored:
+                        structures[key] = NotReversible(
+                            f"its forward stores a tensor that carries gradient outside its output "
+                            f"({', '.join(stored)}): a reversible layer computes it without gradient, and what reads "
+                            "it (an auxiliary loss?) would get none; return it from the layer, or train with "
+                            "torch.compile(model, backend=\"revcompile\"), which makes such values of an FFN/MoE "
+                            "branch outputs of the layer")
                 except RevcompileError as reason:
                     structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
                 except Exception as err:  # a layer the passes do not understand is reported, never half-converted

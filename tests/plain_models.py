@@ -132,6 +132,37 @@ class NoGradGateBlock(PreNormBlock):
         return x + self.ff(self.norm_b(x))
 
 
+class CollectingMoE(TopKMoE):
+    """Appends its router logits to a list it shares with the model (`collected`), as custom MoEs do for their
+    load-balancing loss: a value carrying gradient that leaves the layer by a side effect, not as its output."""
+
+    collected: list
+
+    def forward(self, x):
+        self.collected.append(self.router(x))
+        return super().forward(x)
+
+
+class CollectingBlock(PreNormBlock):
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.ff = CollectingMoE(width)
+
+
+class AuxLossMoE(TopKMoE):
+    """Keeps a load-balancing loss of its router in `self.aux_loss`, for the training loop to add."""
+
+    def forward(self, x):
+        self.aux_loss = self.router(x).softmax(-1).mean((0, 1)).pow(2).sum()
+        return super().forward(x)
+
+
+class AuxLossBlock(PreNormBlock):
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.ff = AuxLossMoE(width)
+
+
 class PostNormBlock(PreNormBlock):
     def forward(self, x):
         x = self.norm_a(x + self.mix(x))
@@ -158,3 +189,17 @@ class PlainLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+class CollectingLM(PlainLM):
+    """A PlainLM of CollectingBlocks whose MoEs append their router logits to `self.collected` (emptied per call)."""
+
+    def __init__(self, depth: int = 3, width: int = 32, vocab: int = 64):
+        super().__init__(CollectingBlock, depth, width, vocab)
+        self.collected = []
+        for block in self.blocks:
+            block.ff.collected = self.collected
+
+    def forward(self, input_ids):
+        self.collected.clear()
+        return super().forward(input_ids)

@@ -9,7 +9,7 @@ import revcompile
 from revcompile.capture import example_call, find_stacks
 from revcompile.errors import RevcompileError
 from conftest import make_model
-from plain_models import ParallelBlock, PlainLM, PostNormBlock
+from plain_models import AuxLossBlock, CollectingLM, ParallelBlock, PlainLM, PostNormBlock
 
 EXPECTED_KINDS = {  # (first layer, later layers): the tiny configs keep each family's structure
     "mixtral": ("moe", "moe"), "qwen2_moe": ("moe", "moe"), "qwen3_moe": ("moe", "moe"), "olmoe": ("moe", "moe"),
@@ -236,3 +236,23 @@ def test_a_module_created_during_the_probe_gets_its_parents_mode_back():
     with eval_mode(model):
         model(torch.ones(1, 2))
     assert isinstance(model[1].drop, torch.nn.Dropout) and model[1].drop.training
+
+
+@pytest.mark.parametrize("model, stored", [(lambda: CollectingLM(), "ff.collected"),
+                                           (lambda: PlainLM(AuxLossBlock), "ff.aux_loss")])
+def test_a_layer_storing_a_value_with_gradient_outside_its_output_is_left_as_it_is(model, stored):
+    """A MoE that appends its router logits to a list, or keeps an aux loss in an attribute, hands a value carrying
+    gradient out of the layer by a side effect: converted, its forward would compute it without grad and the aux
+    loss would train nothing (measured before this check: the routers' gradients 100 % off the reference's). The
+    layers stay as they are, the reason names what they store, and what the check's own run stored is gone: the
+    model holds only what the analysis' no-grad runs left (no graph)."""
+    torch.manual_seed(0)
+    model = model()
+    plan = revcompile.analyze(model)
+    assert not plan.pairs and len(plan.skipped) == 3
+    assert all(f"stores a tensor that carries gradient outside its output ({stored})" in s.reason
+               for s in plan.skipped)
+    left = getattr(model, "collected", None) or [vars(block.ff)["aux_loss"] for block in model.blocks]
+    assert left and all(value.grad_fn is None for value in left)
+    with pytest.raises(RevcompileError, match="carries gradient"):
+        revcompile.make_reversible(model)

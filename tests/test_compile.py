@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 from conftest import count_reversible_nodes, lm_loss, make_model, rel_err
-from plain_models import PlainLM, PostNormBlock, TorchLevelQuirksBlock
+from plain_models import AuxLossBlock, CollectingLM, PlainLM, PostNormBlock, TorchLevelQuirksBlock
 from torch import fx
 from torch._dynamo.utils import counters
 
@@ -407,3 +407,30 @@ def test_a_compiled_recompute_that_chooses_other_experts_raises(compiled_bf16_pl
             block.ff.router.weight.neg_()
     with pytest.raises(RevcompileError, match="chose other experts"):
         loss.backward()
+
+
+@pytest.mark.parametrize("make, aux_of", [
+    (CollectingLM, lambda model: sum(logits.pow(2).mean() for logits in model.collected)),
+    (lambda: PlainLM(AuxLossBlock), lambda model: sum(block.ff.aux_loss for block in model.blocks))])
+def test_backend_converts_a_plain_moe_that_stores_its_aux_values(monkeypatch, make, aux_of):
+    """A plain PyTorch MoE appending its router logits to a list, or keeping an aux loss in `self.aux_loss` (which
+    make_reversible leaves as it is, see test_analysis.py): in Dynamo's graph the stored values are outputs of the
+    layer, so the backend converts it, here with revcompile's own collector (transformers' is hidden, as in a
+    process that never imported it). The aux loss trains the routers as in the disable_inversion() reference, and
+    does train them."""
+    monkeypatch.delitem(sys.modules, "transformers.utils.output_capturing", raising=False)
+    torch.manual_seed(0)
+    models = [make()]
+    models += [copy.deepcopy(models[0]) for _ in range(2)]
+    ids = torch.randint(0, 64, (2, 16))
+
+    def grads(model, aux: float, reference: bool = False) -> dict:
+        with revcompile.disable_inversion() if reference else nullcontext():
+            loss = torch.compile(model, backend="revcompile")(ids).float().logsumexp(-1).mean() + aux * aux_of(model)
+            assert count_reversible_nodes(loss) == (0 if reference else 3)
+            loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if "router" in n}
+
+    run, reference, without_aux = grads(models[0], 0.5), grads(models[1], 0.5, reference=True), grads(models[2], 0.0)
+    assert max(rel_err(run[n], reference[n]) for n in reference) < GRAD_TOLERANCE
+    assert min(rel_err(without_aux[n], reference[n]) for n in reference) > 0.1

@@ -19,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,3 +204,75 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
         if chained and shaped:
             stacks.append(Stack(name, modules, record, _read_elsewhere(record, reads, outer_calls, names)))
     return stacks
+
+
+def _carries_gradient(value: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.grad_fn is not None for t in tree_flatten(value)[0])
+
+
+def _added(container: list | dict, old: list | dict) -> list:
+    """The values in `container` that were not in its `old` copy (by identity)."""
+    if isinstance(container, dict):
+        return [v for k, v in container.items() if k not in old or old[k] is not v]
+    kept = {id(v) for v in old}
+    return [v for v in container if id(v) not in kept]
+
+
+def _reads_back(module: nn.Module, key: str) -> bool:
+    """Does the module's own class read attribute `key` (`self.key` loaded, not only assigned), making it the
+    module's state, a cache for its next call, rather than a value stored for others? False without its source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    return any(isinstance(node, ast.Attribute) and node.attr == key and isinstance(node.ctx, ast.Load) and
+               isinstance(node.value, ast.Name) and node.value.id == "self" for node in ast.walk(tree))
+
+
+def stored_with_gradient(layer: nn.Module, call: LayerCall) -> list[str]:
+    """Where the layer's forward stores a tensor that carries gradient outside its output: module attributes it sets
+    and its own code never reads (`self.aux_loss = ...`; RecurrentGemma's `self.recurrent_states`, read back by its
+    next call, is its state), or lists and dicts held by its modules that it adds to (`self.logits.append(...)`).
+
+    NOTE: why it matters. A reversible layer runs its forward without grad and again, with grad, in backward: such a
+    value would be computed without gradient and whatever reads it (an auxiliary loss) would train nothing through
+    it, silently. The layer is run once with grad on the probe's call (eval mode, RNG forked); the lists and dicts
+    get their old contents back, and the attributes that carry gradient their old values.
+
+    Example:
+        >>> stored_with_gradient(block, call)
+        ['ff.collected']
+    """
+    names = {m: n for n, m in layer.named_modules()}
+    before = {m: {k: v for k, v in vars(m).items() if not k.startswith("_")} for m in names}
+    contents = {id(v): (v, list(v) if isinstance(v, list) else dict(v)) for attributes in before.values()
+                for v in attributes.values() if isinstance(v, (list, dict))}
+    device = next((t.device for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, torch.Tensor)),
+                  torch.device("cpu"))
+    found = set()
+    try:
+        with torch.enable_grad(), eval_mode(layer), torch.random.fork_rng(
+                devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            layer(*call.args, **call.kwargs)
+    finally:
+        for module, attributes in before.items():
+            prefix = names[module] + "." if names[module] else ""
+            for key, value in list(vars(module).items()):
+                if key.startswith("_") or attributes.get(key) is value or not _carries_gradient(value):
+                    continue
+                if not _reads_back(module, key):
+                    found.add(prefix + key)
+                if key in attributes:
+                    setattr(module, key, attributes[key])
+                else:
+                    delattr(module, key)
+            for key, value in attributes.items():
+                if isinstance(value, (list, dict)) and _carries_gradient(_added(value, contents[id(value)][1])):
+                    found.add(prefix + key)
+        for container, old in contents.values():  # (each once, though modules share it)
+            container.clear()
+            if isinstance(container, dict):
+                container.update(old)
+            else:
+                container.extend(old)
+    return sorted(found)

@@ -54,8 +54,8 @@ def written_tensor(node: fx.Node) -> fx.Node | None:
 
 def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.Node, ...] = ()) -> fx.Graph:
     """A new graph computing `residual.branch` from the placeholder `x` and the layer's context placeholders; with
-    `hands_out` (values of the branch the layer hands to the rest of the model: router logits), the graph returns
-    `(branch, *hands_out)`, or raises NotReversible when one of them is not computed on the way to the branch."""
+    `hands_out` (values the layer hands to the rest of the model: router logits), the graph returns
+    `(branch, *hands_out)`, or raises NotReversible when one of them is not computed from the branch's inputs."""
     # NOTE: a graph of torch-level ops (Dynamo's) may fill a tensor in place, directly (`inv_perm[perm] = arange(n)`)
     # or through a view (DeepSeek-V3's attention: `key_states = k.new_empty(...)`, then `key_states[..., :d] = k_nope`
     # as a slice's `copy_`); the write has no user, so data flow alone would leave it out and the branch would read
@@ -65,16 +65,31 @@ def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.N
         written = written_tensor(node)
         if written is not None:
             writes.setdefault(written, []).append(node)
-    needed: set[fx.Node] = set()
-    pending = [residual.branch]
-    while pending:
-        node = pending.pop()
-        if node in needed or node is residual.stream:
-            continue
-        needed.add(node)
-        pending.extend(node.all_input_nodes)
-        pending.extend(writes.get(node, ()))
 
+    def needed_for(roots) -> set[fx.Node]:
+        needed, pending = set(), list(roots)
+        while pending:
+            node = pending.pop()
+            if node in needed or node is residual.stream:
+                continue
+            needed.add(node)
+            pending.extend(node.all_input_nodes)
+            pending.extend(writes.get(node, ()))
+        return needed
+
+    def reads_the_layer_input(nodes: set[fx.Node]) -> fx.Node | None:
+        return next((n for n in nodes if n.op == "placeholder" and n.target not in trace.context_names), None)
+
+    needed = needed_for([residual.branch])
+    if hands_out:
+        handed = needed_for(hands_out)
+        if reads_the_layer_input(handed) is not None:
+            raise NotReversible(f"values handed out ({', '.join(n.name for n in hands_out)}) are not computed from "
+                                "the branch's input")
+        needed |= handed
+    source = reads_the_layer_input(needed)
+    if source is not None:
+        raise AssertionError(f"branch reads the layer input {source.target} other than through its stream")
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {residual.stream: graph.placeholder("x")}
     for node in trace.graph.nodes:
@@ -83,11 +98,6 @@ def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.N
     for node in trace.graph.nodes:
         if node in needed and node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
-        elif node in needed and node not in env:
-            raise AssertionError(f"branch reads the layer input {node.target} other than through its stream")
-    outside = [node.name for node in hands_out if node not in needed]
-    if outside:
-        raise NotReversible(f"values handed out ({', '.join(outside)}) are not computed on the way to the branch")
     graph.output((env[residual.branch], *(env[node] for node in hands_out)) if hands_out else env[residual.branch])
     graph.lint()
     return graph
