@@ -382,6 +382,7 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
                 nodes.extend(switches)
             nodes.append(node)
         last, switches = found, []
+    in_layers = {node for by_index in stacks.values() for nodes in by_index.values() for node in nodes}
     result = {}
     for stack, by_index in stacks.items():
         layers = []
@@ -390,7 +391,13 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
             inside = set(nodes)
             outputs = [n for n in nodes if any(user not in inside for user in n.users)]
             name = f"{_ROOT.sub('', stack)}.{index}"
-            layers.append(_Layer(name, nodes, outputs[-1] if outputs else nodes[-1], hands_out=outputs[:-1]))
+            layer = _Layer(name, nodes, outputs[-1] if outputs else nodes[-1], hands_out=outputs[:-1])
+            state = [n.name for n in layer.hands_out if any(u in in_layers and u not in inside for u in n.users)]
+            if state:
+                layer.structure = NotReversible(f"it hands values to later layers beside its output ({', '.join(state)}"
+                                                "): state carried from layer to layer, which a reversible run cannot "
+                                                "rebuild")
+            layers.append(layer)
         result[stack] = layers
     return result
 

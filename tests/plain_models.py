@@ -203,3 +203,25 @@ class CollectingLM(PlainLM):
     def forward(self, input_ids):
         self.collected.clear()
         return super().forward(input_ids)
+
+
+class CarryBlock(PreNormBlock):
+    """Returns (hidden, carry) and reads the previous block's carry: state passed from layer to layer beside the
+    hidden state, made by its MoE's router."""
+
+    def forward(self, x, carry):
+        x = x + self.mix(self.norm_a(x)) * carry
+        h = self.norm_b(x)
+        return x + self.ff(h), self.ff.router(h).sigmoid().mean(-1, keepdim=True)
+
+
+class CarryLM(PlainLM):
+    def __init__(self, depth: int = 3, width: int = 32, vocab: int = 64):
+        super().__init__(CarryBlock, depth, width, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        carry = torch.ones_like(x[..., :1])
+        for block in self.blocks:
+            x, carry = block(x, carry)
+        return self.head(self.norm(x))

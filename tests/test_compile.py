@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 from conftest import count_reversible_nodes, lm_loss, make_model, rel_err
-from plain_models import AuxLossBlock, CollectingLM, PlainLM, PostNormBlock, TorchLevelQuirksBlock
+from plain_models import AuxLossBlock, CarryLM, CollectingLM, PlainLM, PostNormBlock, TorchLevelQuirksBlock
 from torch import fx
 from torch._dynamo.utils import counters
 
@@ -434,3 +434,22 @@ def test_backend_converts_a_plain_moe_that_stores_its_aux_values(monkeypatch, ma
     run, reference, without_aux = grads(models[0], 0.5), grads(models[1], 0.5, reference=True), grads(models[2], 0.0)
     assert max(rel_err(run[n], reference[n]) for n in reference) < GRAD_TOLERANCE
     assert min(rel_err(without_aux[n], reference[n]) for n in reference) > 0.1
+
+
+def test_backend_leaves_layers_that_hand_state_to_the_next_layer():
+    """A value a layer hands to a later layer beside its output (state carried from layer to layer, here made by
+    the MoE's router) is not handed out through the reversible Function: those layers stay as they are, and the
+    reason says why."""
+    from revcompile.backend import NotConvertible, _Converter
+    from revcompile.schemes import get_scheme
+
+    torch.manual_seed(0)
+    graphs = []
+    torch.compile(CarryLM(), backend=lambda gm, inputs: graphs.append((gm, inputs)) or gm.forward)(
+        torch.randint(0, 64, (2, 8)))
+    converter = _Converter(graphs[0][0], list(graphs[0][1]), get_scheme("symplectic"), None, False, None)
+    with pytest.raises(NotConvertible) as refused:
+        converter.analyze()
+    for name in ("blocks.0", "blocks.1"):
+        assert f"{name}: it hands values to later layers beside its output" in str(refused.value)
+    assert "state carried from layer to layer" in str(refused.value)
