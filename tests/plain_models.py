@@ -59,6 +59,47 @@ class FlatTopKMoE(TopKMoE):
         return super().forward(x.view(-1, x.shape[-1])).view(x.shape)
 
 
+def _gated(p: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return p.gather(-1, index), index
+
+
+def _lowest_of_negated(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    low, index = torch.min(-p, dim=-1)
+    return -low.unsqueeze(-1), index.unsqueeze(-1)
+
+
+def _first_sorted(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, order = p.sort(-1, descending=True)
+    return values[..., :1], order[..., :1]
+
+
+# each way a router can pick one expert from its probabilities p: (the gate, the expert's index), both tokens x 1
+TOP1_SELECTIONS = {
+    "argmax": lambda p: _gated(p, p.argmax(-1, keepdim=True)),
+    "argmin": lambda p: _gated(p, torch.argmin(-p, dim=-1, keepdim=True)),
+    "max": lambda p: tuple(p.max(-1, keepdim=True)),
+    "min": _lowest_of_negated,
+    "sort": _first_sorted,
+    "argsort": lambda p: _gated(p, torch.argsort(p, dim=-1, descending=True)[..., :1]),
+}
+
+
+class Top1MoE(TopKMoE):
+    """Sends each token to one expert, picked by `select` (a key of TOP1_SELECTIONS: argmax as Switch
+    Transformer's router does, or min, sort, ...) and scaled by its probability."""
+
+    def __init__(self, width: int, select: str = "argmax"):
+        super().__init__(width)
+        self.select = select
+
+    def forward(self, x):
+        gate, chosen = TOP1_SELECTIONS[self.select](self.router(x).softmax(-1))
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + gate * (chosen == e) * expert(x)
+        return out
+
+
 class PreNormBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
@@ -68,6 +109,14 @@ class PreNormBlock(nn.Module):
     def forward(self, x):
         x = x + self.mix(self.norm_a(x))
         return x + self.ff(self.norm_b(x))
+
+
+class Top1Block(PreNormBlock):
+    """A pre-norm block whose MoE routes each token to one expert (`Top1MoE`)."""
+
+    def __init__(self, width: int, select: str = "argmax"):
+        super().__init__(width)
+        self.ff = Top1MoE(width, select)
 
 
 class SparsePreNormBlock(PreNormBlock):

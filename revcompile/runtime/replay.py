@@ -4,9 +4,11 @@ RNG: dropout and router jitter draw random numbers; the state before each branch
 restored around the recompute (the CPU generator and, for CUDA tensors, the device's).
 
 Routing: a reconstructed input differs from the true one by rounding, and a near-tied router can then pick
-another expert. Every selection a branch makes in forward (`topk`, and `max` along a dim as PhiMoE's sparsemixer
-uses) is recorded (the indices: tokens x k integers) and replayed in backward: the recompute gathers its values at
-the recorded indices, so gradients flow through the same router weights the forward used. Classification also
+another expert. Every selection among floating-point values a branch makes in forward (`topk`, `sort`, `argsort`,
+`max` / `min` along a dim as PhiMoE's sparsemixer uses, `argmax` / `argmin` as Switch-style top-1 routers use) is
+recorded (the indices: tokens x k integers) and replayed in backward: the recompute gathers its values at the
+recorded indices (argmax and argsort: returns them), so gradients flow through the same router weights the forward
+used. Classification also
 uses the recorder: a branch whose forward makes a selection is a router feeding experts, i.e. MoE.
 
 Autocast: the recompute runs under the autocast state of the forward (`AutocastState`), not the backward's.
@@ -27,23 +29,60 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import RevcompileError
 
-_SELECTIONS = {torch.topk, torch.Tensor.topk, torch.max, torch.Tensor.max}
-_SELECTION_RESULTS = (torch.return_types.topk, torch.return_types.max)
+
+@dataclass(frozen=True)
+class _Selection:
+    """How a selecting function takes its dimension and what it returns: (values, indices) as `result`, or the
+    indices alone (`result` None); indices of the input's rank (`keeps_rank`), or with the dimension reduced."""
+
+    dim_position: int
+    dim_default: int | None
+    result: type | None
+    keeps_rank: bool
+
+
+_TOPK = _Selection(2, -1, torch.return_types.topk, keeps_rank=True)
+_SORT = _Selection(1, -1, torch.return_types.sort, keeps_rank=True)
+_ARGSORT = _Selection(1, -1, None, keeps_rank=True)
+_MAX = _Selection(1, None, torch.return_types.max, keeps_rank=False)
+_MIN = _Selection(1, None, torch.return_types.min, keeps_rank=False)
+_ARGMAX = _Selection(1, None, None, keeps_rank=False)
+_SELECTIONS = {torch.topk: _TOPK, torch.Tensor.topk: _TOPK, torch.sort: _SORT, torch.Tensor.sort: _SORT,
+               torch.argsort: _ARGSORT, torch.Tensor.argsort: _ARGSORT, torch.max: _MAX, torch.Tensor.max: _MAX,
+               torch.min: _MIN, torch.Tensor.min: _MIN, torch.argmax: _ARGMAX, torch.Tensor.argmax: _ARGMAX,
+               torch.argmin: _ARGMAX, torch.Tensor.argmin: _ARGMAX}
 
 
 def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
     return args[position] if len(args) > position else kwargs.get(name, default)
 
 
+def _selected(func, args: tuple, kwargs: dict, result: Any) -> torch.Tensor | None:
+    """The indices `result` of `func(*args, **kwargs)` selected among floating-point values, or None for a call
+    that is no such selection (`max` of a whole tensor or of two tensors, a sort of integer expert ids).
+
+    NOTE: a selection among integers (the expert ids Hugging Face's grouped kernels sort) is decided by the
+    selections before it; recording it would keep a tokens x k index per layer for nothing.
+    """
+    selection = _SELECTIONS.get(func)
+    tensor = _arg(args, kwargs, 0, "input", None)
+    if selection is None or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        return None
+    if selection.result is None:
+        return result if isinstance(result, torch.Tensor) else None
+    return result.indices if isinstance(result, selection.result) else None
+
+
 def _gather_selected(func, args: tuple, kwargs: dict, indices: torch.Tensor):
     """The result `func(*args, **kwargs)` would give if it had selected `indices`, values differentiable."""
+    selection = _SELECTIONS[func]
+    if selection.result is None:
+        return indices
     tensor = _arg(args, kwargs, 0, "input", None)
-    if func in (torch.topk, torch.Tensor.topk):
-        dim = _arg(args, kwargs, 2, "dim", -1)
-        return torch.return_types.topk((tensor.gather(dim, indices), indices))
-    dim, keepdim = _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False)
-    values = tensor.gather(dim, indices if keepdim else indices.unsqueeze(dim))
-    return torch.return_types.max((values if keepdim else values.squeeze(dim), indices))
+    dim = _arg(args, kwargs, selection.dim_position, "dim", selection.dim_default)
+    if selection.keeps_rank or _arg(args, kwargs, 2, "keepdim", False):
+        return selection.result((tensor.gather(dim, indices), indices))
+    return selection.result((tensor.gather(dim, indices.unsqueeze(dim)).squeeze(dim), indices))
 
 
 def _compact(indices: torch.Tensor, bound: int) -> torch.Tensor:
@@ -55,11 +94,12 @@ def _compact(indices: torch.Tensor, bound: int) -> torch.Tensor:
 
 
 def _selection_size(func, args: tuple, kwargs: dict) -> int:
-    """How many candidates a selection chooses among (the size of the selected dimension)."""
+    """How many candidates a selection chooses among (the size of the selected dimension; all elements when a
+    selection without a dimension, `argmax(x)`, picks one of the whole tensor)."""
+    selection = _SELECTIONS[func]
     tensor = _arg(args, kwargs, 0, "input", None)
-    is_topk = func in (torch.topk, torch.Tensor.topk)
-    dim = _arg(args, kwargs, 2, "dim", -1) if is_topk else _arg(args, kwargs, 1, "dim", 0)
-    return tensor.shape[dim]
+    dim = _arg(args, kwargs, selection.dim_position, "dim", selection.dim_default)
+    return tensor.numel() if dim is None else tensor.shape[dim]
 
 
 class RoutingRecorder(TorchFunctionMode):
@@ -71,8 +111,9 @@ class RoutingRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if func in _SELECTIONS and isinstance(result, _SELECTION_RESULTS):
-            self.choices.append(_compact(result.indices.detach(), _selection_size(func, args, kwargs or {})))
+        indices = _selected(func, args, kwargs or {}, result)
+        if indices is not None:
+            self.choices.append(_compact(indices.detach(), _selection_size(func, args, kwargs or {})))
         return result
 
 
@@ -89,12 +130,13 @@ class RoutingReplayer(TorchFunctionMode):
         if func not in _SELECTIONS:
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
-        if not isinstance(result, _SELECTION_RESULTS):
+        fresh = _selected(func, args, kwargs, result)
+        if fresh is None:
             return result
-        if self._next >= len(self._choices) or self._choices[self._next].shape != result.indices.shape:
+        if self._next >= len(self._choices) or self._choices[self._next].shape != fresh.shape:
             raise RevcompileError("routing replay: the recompute made other selections than the forward; the "
                                   "branch is not deterministic on recompute")
-        indices = self._choices[self._next].to(result.indices.dtype)
+        indices = self._choices[self._next].to(fresh.dtype)
         self._next += 1
         return _gather_selected(func, args, kwargs, indices)
 
