@@ -3,6 +3,7 @@ brings it back, what a training step costs, and how exact inversion is in bf16.
 
     python bench/schemes.py                     # -> bench/results/schemes.{md,json,png}   (~10 minutes, 2 cores)
     python bench/schemes.py --small             # a quick dry run (few steps, short sequences)
+    python bench/schemes.py --schemes fixed_point fixed_point:anderson=0 --out /tmp/s   # a scheme with options
 
 Model: examples/pretrain_tiny_moe.py's Mixtral-style MoE (8 layers, hidden 128, 4 experts top-2) pretrained on
 standard-library sources (pretrained first if the cache is empty). Per scheme:
@@ -14,7 +15,7 @@ standard-library sources (pretrained first if the cache is empty). Per scheme:
   relative error of a rebuilt layer input and of a layer's gradients, over the 8 layers, with exact (integer)
   streams where the scheme allows them and with float streams;
 - fixed_point and revffn: the fraction of fixed-point inversions that converged in forward (the rest kept their
-  input).
+  input), and the iterations (branch calls) an inversion took on average.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import revcompile  # noqa: E402
 from revcompile.data import byte_batches, stdlib_text  # noqa: E402
-from revcompile.measure import measure_step  # noqa: E402
+from revcompile.measure import measure_step, parse_scheme  # noqa: E402
 from revcompile.pretrained import CACHE, PRETRAIN_MODULES, load_pretrained  # noqa: E402
 from revcompile.runtime.streams import exact_refusal  # noqa: E402
 from revcompile.schemes import get_scheme  # noqa: E402
@@ -48,27 +49,30 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HELD_OUT = ["shlex", "fnmatch", "difflib"]
 
 
-def converged_fraction(model) -> float | None:
-    layers = [layer for layer in revcompile.converted_layers(model) if layer._revcompile.scheme.implicit]
-    if not layers:
-        return None
-    solved = sum(layer._revcompile.inversions.solved for layer in layers)
-    stored = sum(layer._revcompile.inversions.stored for layer in layers)
-    return solved / (solved + stored)
+def inversions(model) -> tuple[float | None, float | None]:
+    """(the fraction of fixed-point inversions that converged, their mean iterations), or Nones without any."""
+    stats = [layer._revcompile.inversions for layer in revcompile.converted_layers(model)
+             if layer._revcompile.scheme.implicit]
+    total = sum(s.solved + s.stored for s in stats)
+    if not total:
+        return None, None
+    return sum(s.solved for s in stats) / total, sum(s.iterations for s in stats) / total
 
 
 PRECISIONS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
               ("autocast", torch.float32, torch.bfloat16))
 
 
-def precision(original, scheme: str, ids: torch.Tensor) -> dict:
+def precision(original, spec: str, ids: torch.Tensor) -> dict:
     """Worst rebuilt-input and gradient errors over the layers: fp32, bf16 weights, fp32 weights under bf16 autocast;
     with exact streams (where the scheme allows them) and with float streams."""
     figures = {}
-    modes = ("exact", "float") if exact_refusal(get_scheme(scheme)) is None else ("float",)
+    scheme, options = parse_scheme(spec)
+    modes = ("exact", "float") if exact_refusal(get_scheme(scheme, **options)) is None else ("float",)
     for mode in modes:
         for label, dtype, autocast in PRECISIONS:
-            model = revcompile.make_reversible(copy.deepcopy(original).to(dtype), scheme, exact=mode == "exact")
+            model = revcompile.make_reversible(copy.deepcopy(original).to(dtype), scheme, exact=mode == "exact",
+                                               **options)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # check() warns past the tolerance: the table shows it instead
                 report = revcompile.check(model, ids, autocast=autocast)
@@ -84,9 +88,10 @@ def _precision_cell(r: dict, label: str) -> str:
     return f"{pair(r[f'{label}_exact'])} (float: {cell})" if f"{label}_exact" in r else f"float: {cell}"
 
 
-def scheme_figures(original, scheme: str, held_out, train, ids, args) -> dict:
-    model = revcompile.make_reversible(copy.deepcopy(original), scheme)
-    result = {"scheme": scheme, "kl_converted": revcompile.kl_divergence(original, model.eval(), held_out)}
+def scheme_figures(original, spec: str, held_out, train, ids, args) -> dict:
+    scheme, options = parse_scheme(spec)
+    model = revcompile.make_reversible(copy.deepcopy(original), scheme, **options)
+    result = {"scheme": spec, "kl_converted": revcompile.kl_divergence(original, model.eval(), held_out)}
     if scheme == "fixed_point":  # the original function: nothing to distill
         result.update(kl_distilled=result["kl_converted"], distill_s_per_step=None)
         model.train()
@@ -96,8 +101,8 @@ def scheme_figures(original, scheme: str, held_out, train, ids, args) -> dict:
         revcompile.distill(model, original, train, lr=args.lr, progress=False)
         result["distill_s_per_step"] = (time.perf_counter() - start) / len(train)
         result["kl_distilled"] = revcompile.kl_divergence(original, model.eval(), held_out)
-    result["converged"] = converged_fraction(model)
-    result.update(precision(original, scheme, ids))
+    result["converged"], result["iterations"] = inversions(model)
+    result.update(precision(original, spec, ids))
     return result
 
 
@@ -108,20 +113,27 @@ def cost(method: str, args) -> dict:
             "step_s": statistics.median(r["step_s"] for r in runs)}
 
 
+def _schemes_flag(args) -> str:
+    return "" if args.schemes == list(revcompile.SCHEMES) else " --schemes " + " ".join(args.schemes)
+
+
 def write(results: list[dict], plain: dict, args) -> None:
     rows = []
     for r in results:
         rows.append([r["scheme"], r["kl_converted"], r["kl_distilled"], r["peak_mb"] / plain["peak_mb"],
                      r["step_s"] / plain["step_s"], *(_precision_cell(r, label) for label, _, _ in PRECISIONS),
-                     "" if r["converged"] is None else f"{r['converged']:.2f}"])
+                     "" if r["converged"] is None else f"{r['converged']:.2f}",
+                     "" if r.get("iterations") is None else f"{r['iterations']:.1f}"])
     table = tabulate(rows, headers=["scheme", "KL at conversion", f"KL after {args.distill_steps} distill steps",
                                     "memory vs plain", "time vs plain", "fp32: input / grad err",
                                     "bf16 weights: input / grad err", "bf16 autocast: input / grad err",
-                                    "fixed point converged"], tablefmt="github", floatfmt=".3g")
+                                    "fixed point converged", "iterations per inversion"], tablefmt="github",
+                     floatfmt=".3g")
     text = ("# Schemes on the pretrained tiny MoE\n\n"
-            f"`python bench/schemes.py{' --small' if args.small else ''}`: the Mixtral-style MoE of "
-            "examples/pretrain_tiny_moe.py (8 layers, hidden 128, 4 experts top-2, pretrained on standard-library "
-            f"sources). KL(original || converted) in nats per token on held-out modules ({', '.join(HELD_OUT)}). "
+            f"`python bench/schemes.py{' --small' if args.small else ''}{_schemes_flag(args)}`: the Mixtral-style "
+            "MoE of examples/pretrain_tiny_moe.py (8 layers, hidden 128, 4 experts top-2, pretrained on "
+            "standard-library sources). KL(original || converted) in nats per token on held-out modules "
+            f"({', '.join(HELD_OUT)}). "
             f"Memory and time: one training step, batch {args.batch} x {args.seq} tokens, fp32, CPU, relative to "
             f"plain training ({plain['peak_mb']:.1f} MB above the pre-step level, {plain['step_s']:.2f} s; median "
             f"of {args.repeats} child processes). fp32 / bf16 (weights) / autocast (fp32 weights, bf16 "
@@ -164,7 +176,8 @@ def write(results: list[dict], plain: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--schemes", nargs="+", default=list(revcompile.SCHEMES), choices=list(revcompile.SCHEMES))
+    parser.add_argument("--schemes", nargs="+", default=list(revcompile.SCHEMES),
+                        help="scheme names, each with options if wanted: fixed_point:anderson=0,max_iters=100")
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=4)
@@ -175,6 +188,12 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--from-json", help="redraw the table and plot from an earlier run's JSON")
     args = parser.parse_args()
+    for spec in args.schemes:
+        try:
+            scheme, options = parse_scheme(spec)
+            get_scheme(scheme, **options)
+        except (ValueError, revcompile.RevcompileError) as error:
+            parser.error(f"--schemes {spec}: {error}")
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)

@@ -291,7 +291,7 @@ def inversion_report(model: nn.Module) -> str:
         raise RevcompileError("inversion_report() needs a model converted with a scheme that has implicit steps "
                               "(fixed_point, revffn)")
     names = {m: n for n, m in model.named_modules()}
-    rows = [[names[layer], s.solved, s.stored, s.max_iterations, s.converged_fraction]
+    rows = [[names[layer], s.solved, s.stored, s.mean_iterations, s.max_iterations, s.converged_fraction]
             for layer in layers for s in [layer._revcompile.inversions]]
-    return tabulate(rows, headers=["layer", "inverted", "kept input", "max iterations", "converged fraction"],
-                    floatfmt=".3g")
+    return tabulate(rows, headers=["layer", "inverted", "kept input", "mean iterations", "max iterations",
+                                   "converged fraction"], floatfmt=".3g")

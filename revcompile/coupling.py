@@ -131,13 +131,61 @@ def weighted_sum(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
     return total
 
 
+class AndersonMixing:
+    """Anderson acceleration of a fixed-point iteration `x <- g(x)`: the next iterate combines the last `memory`
+    map values so that the combination of their residuals `g(x) - x` is smallest (least squares); memory 0 is the
+    plain iteration.
+
+    NOTE: for a linear map this is GMRES on `x + F(x) = y`, which converges wherever that system has a unique
+    solution, contraction or not; a residual branch with a Lipschitz constant somewhat above 1 (attention, often)
+    is then still inverted. The differences of the last map values and residuals sit in two `memory` x n buffers,
+    so that the least squares is one product with their transpose (the `memory` x `memory` Gram matrix, solved in
+    float64 by a pseudo-inverse that drops directions the history does not determine) and the update one more.
+
+    Example:
+        >>> mixing = AndersonMixing(memory=5)
+        >>> x = mixing.next(g_of_x, g_of_x - x)     # the next iterate, given g(x) and the residual g(x) - x
+    """
+
+    def __init__(self, memory: int):
+        self.memory = memory
+        self.count = 0  # differences recorded so far (row count % memory is the next to overwrite)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.map_steps: torch.Tensor | None = None  # rows: g(x_k) - g(x_{k-1}), flattened
+        self.residual_steps: torch.Tensor | None = None  # rows: f_k - f_{k-1}
+
+    def next(self, mapped: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.memory == 0:
+            return mapped
+        if self.last is None:
+            self.last = (mapped, residual)
+            return mapped
+        if self.map_steps is None:
+            self.map_steps = mapped.new_empty((self.memory, mapped.numel()))
+            self.residual_steps = mapped.new_empty((self.memory, mapped.numel()))
+        row = self.count % self.memory
+        torch.sub(mapped.reshape(-1), self.last[0].reshape(-1), out=self.map_steps[row])
+        torch.sub(residual.reshape(-1), self.last[1].reshape(-1), out=self.residual_steps[row])
+        self.count += 1
+        self.last = (mapped, residual)
+        used = min(self.count, self.memory)
+        differences = self.residual_steps[:used]
+        gram = (differences @ differences.T).double()
+        gamma = torch.linalg.pinv(gram, rtol=1e-10, hermitian=True) @ (differences @ residual.reshape(-1)).double()
+        arithmetic = torch.promote_types(mapped.dtype, torch.float32)  # (a bf16 combination would round gamma)
+        correction = gamma.to(arithmetic) @ self.map_steps[:used].to(arithmetic)
+        return (mapped.reshape(-1) - correction).to(mapped.dtype).view(mapped.shape)
+
+
 def fixed_point(step: Step, after: Mapping[str, torch.Tensor], branch: Callable[[Mapping[str, torch.Tensor]], Any],
-                tol: float | None, max_iters: int) -> FixedPointResult:
-    """x[target] before an implicit step, given the state `after` it: iterate `x <- undo(after, branch(x))`.
+                tol: float | None, max_iters: int, anderson: int = 0) -> FixedPointResult:
+    """x[target] before an implicit step, given the state `after` it: iterate `x <- undo(after, branch(x))`,
+    accelerated by Anderson mixing over the last `anderson` iterates (0: plain iteration).
 
     branch(state) evaluates the step's branch on a state. Converged when an iteration moves the value by at most
-    `tolerance_bound(output, tol)`; the iteration is a contraction, and so converges,
-    when the branch's Lipschitz constant in its own target is below |scale / branch_scale|.
+    `tolerance_bound(output, tol)`. The plain iteration is a contraction, and so converges, when the branch's
+    Lipschitz constant in its own target is below |scale / branch_scale|; Anderson mixing also converges on many
+    maps that are not (`AndersonMixing`).
 
     Example:
         >>> step = Step("x", "x", "f")
@@ -146,20 +194,22 @@ def fixed_point(step: Step, after: Mapping[str, torch.Tensor], branch: Callable[
     """
     bound = tolerance_bound(after[step.target], tol)
     guess, best, best_at = after[step.target], float("inf"), 0
+    mixing = AndersonMixing(anderson)
     for iteration in range(1, max_iters + 1):
-        new = step.undo(after, branch({**after, step.target: guess}))
-        moved = float((new - guess).abs().max())
-        guess = new
+        mapped = step.undo(after, branch({**after, step.target: guess}))
+        residual = mapped - guess
+        moved = float(residual.abs().max())
         if moved <= bound:
-            return FixedPointResult(guess, iteration, True)
+            return FixedPointResult(mapped, iteration, True)
         # NOTE: a contraction moves less at every iteration. Where the map is not one here the steps stall or
         # oscillate; five iterations without a new smallest step end the attempt early, instead of spending
         # max_iters branch calls on a fixed point it will not reach.
         if moved < best:
             best, best_at = moved, iteration
         elif iteration - best_at >= STALL_ITERATIONS:
-            return FixedPointResult(guess, iteration, False)
-    return FixedPointResult(guess, max_iters, False)
+            return FixedPointResult(mapped, iteration, False)
+        guess = mixing.next(mapped, residual)
+    return FixedPointResult(mapped, max_iters, False)
 
 
 @dataclass(frozen=True)
@@ -180,7 +230,8 @@ class Scheme:
                   branches other than the pair's own are built by `compose` from them (and from the modules
                   `new_modules` adds to the layer). A branch made only of token-wise ones is recomputed a slice of
                   the sequence at a time.
-    tol, max_iters: the fixed-point inversion of implicit steps (tol None: DEFAULT_TOLERANCE by dtype).
+    tol, max_iters, anderson: the fixed-point inversion of implicit steps (tol None: DEFAULT_TOLERANCE by dtype;
+                  anderson: the iterates Anderson mixing combines, 0 for the plain iteration).
     """
 
     name: str
@@ -195,6 +246,7 @@ class Scheme:
     new_modules: Callable[[int], dict[str, Any]] | None = None
     tol: float | None = None
     max_iters: int = 50
+    anderson: int = 0
 
     def __post_init__(self):
         names = set(self.streams)

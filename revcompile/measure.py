@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -66,9 +67,27 @@ def _selective_policy():
     return policy
 
 
+def parse_scheme(spec: str) -> tuple[str, dict[str, Any]]:
+    """A scheme and its options as bench/ names them: "fixed_point:anderson=0,max_iters=100" -> ("fixed_point",
+    {"anderson": 0, "max_iters": 100}) (values are Python literals)."""
+    name, _, options = spec.partition(":")
+    parsed = {}
+    for item in filter(None, options.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"scheme option {item!r} in {spec!r}: write KEY=VALUE, e.g. fixed_point:anderson=0")
+        try:
+            parsed[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"scheme option {item!r} in {spec!r}: the value must be a Python literal (a number, "
+                             "True, None, a quoted string)") from None
+    return name, parsed
+
+
 def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
-    """Set `model` up for training with `method` (one of SPEED_METHODS, or "revcompile:SCHEME"), in place; returns
-    what to call for a forward (the model, or its torch.compile wrapper)."""
+    """Set `model` up for training with `method` (one of SPEED_METHODS, or "revcompile:SCHEME" with SCHEME as
+    `parse_scheme` reads it), in place; returns what to call for a forward (the model, or its torch.compile
+    wrapper)."""
     if method == "plain":
         return model
     if method == "compiled":
@@ -108,7 +127,8 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
     if method.partition(":")[0] == "revcompile":
         import revcompile
 
-        return revcompile.make_reversible(model, method.partition(":")[2] or "symplectic")
+        scheme, options = parse_scheme(method.partition(":")[2] or "symplectic")
+        return revcompile.make_reversible(model, scheme, **options)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(SPEED_METHODS)}")
 
 

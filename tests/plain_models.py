@@ -3,6 +3,8 @@ and a parallel-residual transformer that revcompile must skip with a reason."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -238,6 +240,18 @@ class PlainLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+def near_tied_top1_lm(select: str, depth: int = 6, seed: int = 0) -> PlainLM:
+    """A PlainLM of Top1Blocks picking by `select` whose routers' first two experts are tied to 1e-7 (relative
+    rounding of fp32 float streams flips some of their choices in a recompute that does not replay them)."""
+    torch.manual_seed(seed)
+    model = PlainLM(functools.partial(Top1Block, select=select), depth=depth)
+    with torch.no_grad():
+        for block in model.blocks:
+            weight = block.ff.router.weight
+            weight[1] = weight[0] + 1e-7 * torch.randn_like(weight[0])
+    return model
 
 
 class CollectingLM(PlainLM):

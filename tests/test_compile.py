@@ -15,7 +15,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 from conftest import count_reversible_nodes, lm_loss, loss_and_grads, make_model, rel_err
-from plain_models import AuxLossBlock, CarryLM, CollectingLM, PlainLM, PostNormBlock, Top1Block, TorchLevelQuirksBlock
+from plain_models import (AuxLossBlock, CarryLM, CollectingLM, PlainLM, PostNormBlock, TorchLevelQuirksBlock,
+                          near_tied_top1_lm)
 from torch import fx
 from torch._dynamo.utils import counters
 
@@ -161,13 +162,7 @@ def test_compiled_branches_replay_argmax_and_sort_routers(select):
     """compile=True in fp32 (float streams) with a near-tied top-1 router that picks by argmax or sort: the
     compiled recompute replays the forward's choices (measured: worst gradient 4.7e-7 off the reference; 0.51 when
     those selections were not recorded)."""
-    torch.manual_seed(0)
-    model = PlainLM(functools.partial(Top1Block, select=select), depth=6)
-    with torch.no_grad():
-        for block in model.blocks:
-            weight = block.ff.router.weight
-            weight[1] = weight[0] + 1e-7 * torch.randn_like(weight[0])
-    revcompile.make_reversible(model, compile=True)
+    model = revcompile.make_reversible(near_tied_top1_lm(select), compile=True)
     ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(1))
     loss, nodes, grads = loss_and_grads(model, ids, reference=False)
     ref_loss, _, ref = loss_and_grads(model, ids, reference=True)

@@ -164,7 +164,7 @@ def _solve(call: CouplingCall, step, after: dict[str, torch.Tensor], context: li
     with torch.no_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS):
         return fixed_point(step, after, lambda state: run_replayed(branch, (*(state[s] for s in step.reads),
                                                                             *context), replay),
-                           scheme.tol, scheme.max_iters)
+                           scheme.tol, scheme.max_iters, scheme.anderson)
 
 
 def _check_inversion(call: CouplingCall, step, before: dict[str, torch.Tensor], new: torch.Tensor, context: list,

@@ -140,11 +140,18 @@ class InversionStats:
     solved: int = 0
     stored: int = 0
     max_iterations: int = 0
+    iterations: int = 0  # over all inversions: each one branch call
 
     def record(self, iterations: int, converged: bool) -> None:
         self.solved += converged
         self.stored += not converged
         self.max_iterations = max(self.max_iterations, iterations)
+        self.iterations += iterations
+
+    @property
+    def mean_iterations(self) -> float:
+        total = self.solved + self.stored
+        return self.iterations / total if total else float("nan")
 
     @property
     def converged_fraction(self) -> float:

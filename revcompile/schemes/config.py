@@ -36,7 +36,9 @@ class SchemeConfig:
 
 
 def check_solver(config: SchemeConfig) -> None:
-    """Validate the fixed-point options (tol, max_iters) of a scheme with implicit steps."""
+    """Validate the fixed-point options (tol, max_iters, anderson) of a scheme with implicit steps."""
     config.require(config.tol is None or config.tol > 0,
                    "tol must be positive (or None for the dtype's default, coupling.DEFAULT_TOLERANCE)")
     config.require(isinstance(config.max_iters, int) and config.max_iters >= 1, "max_iters must be a positive integer")
+    config.require(isinstance(config.anderson, int) and 0 <= config.anderson <= 20,
+                   "anderson must be an integer from 0 (plain fixed-point iteration) to 20 (iterates mixed)")

@@ -22,11 +22,13 @@ from .config import SchemeConfig, check_solver
 @dataclass(frozen=True)
 class FixedPointConfig(SchemeConfig):
     """tol: relative step size at which the iteration stops (None: coupling.DEFAULT_TOLERANCE by dtype);
-    max_iters: the most iterations per inversion (it also stops when it stalls)."""
+    max_iters: the most iterations per inversion (it also stops when it stalls); anderson: the iterates Anderson
+    mixing combines (0: the plain iteration, `coupling.AndersonMixing`)."""
 
     name = "fixed_point"
     tol: float | None = None
     max_iters: int = 50
+    anderson: int = 0
 
     def __post_init__(self):
         check_solver(self)
@@ -35,4 +37,5 @@ class FixedPointConfig(SchemeConfig):
         return Scheme(
             name=self.name, streams=("h",), open={"h": 1.0}, merge={"h": 1.0},
             steps=(Step("h", "h", "attn"), Step("h", "h", "mlp")), tol=self.tol, max_iters=self.max_iters,
+            anderson=self.anderson,
             description="h <- h + A(h); h <- h + M(h): the original layer, inverted by fixed-point iteration")

@@ -36,11 +36,13 @@ def _projection(weight: torch.Tensor) -> nn.Linear:
 
 @dataclass(frozen=True)
 class RevFFNConfig(SchemeConfig):
-    """tol, max_iters: the fixed-point inversion of x1 (tol None: a default by dtype, coupling.DEFAULT_TOLERANCE)."""
+    """tol, max_iters, anderson: the fixed-point inversion of x1 (tol None: a default by dtype,
+    coupling.DEFAULT_TOLERANCE; anderson: the iterates Anderson mixing combines, 0 for the plain iteration)."""
 
     name = "revffn"
     tol: float | None = None
     max_iters: int = 50
+    anderson: int = 0
 
     def __post_init__(self):
         check_solver(self)
@@ -60,5 +62,5 @@ class RevFFNConfig(SchemeConfig):
             compose=lambda roles, extra: {
                 "attn": HalfWidthAttention(roles["attn"], extra["p_out_attn"]),
                 "mlp": HalfWidthExperts(roles["mlp"], extra["p_in_mlp"], extra["p_out_mlp"])},
-            new_modules=self.new_modules, tol=self.tol, max_iters=self.max_iters,
+            new_modules=self.new_modules, tol=self.tol, max_iters=self.max_iters, anderson=self.anderson,
             description="y1 = x1 + P(A([x1, x2])) (fixed point); y2 = x2 + P(M(P(y1)))")
