@@ -114,8 +114,8 @@ def test_fixed_point_falls_back_to_storing_input():
     _, _, ref_grads = loss_and_grads(original, ids, reference=False)
     assert nodes == 3 and max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) < 1e-12
     stats = [layer._revcompile.inversions for layer in revcompile.converted_layers(model)]
-    assert all(s.stored == 2 and s.solved == 0 for s in stats)
-    assert "kept input" in str(model._revcompile_plan)
+    assert all(s.stored == 2 and s.solved == 0 and s.mean_iterations == 1 for s in stats)
+    assert "kept input" in str(model._revcompile_plan) and "mean iterations" in revcompile.inversion_report(model)
     report = revcompile.check(model, ids)
     assert all(r.converged == 0 for r in report.layers) and "fixed point converged" in str(report)
 
