@@ -136,11 +136,14 @@ class AndersonMixing:
     map values so that the combination of their residuals `g(x) - x` is smallest (least squares); memory 0 is the
     plain iteration.
 
-    NOTE: for a linear map this is GMRES on `x + F(x) = y`, which converges wherever that system has a unique
-    solution, contraction or not; a residual branch with a Lipschitz constant somewhat above 1 (attention, often)
-    is then still inverted. The differences of the last map values and residuals sit in two `memory` x n buffers,
-    so that the least squares is one product with their transpose (the `memory` x `memory` Gram matrix, solved in
-    float64 by a pseudo-inverse that drops directions the history does not determine) and the update one more.
+    NOTE: on a linear map, with all iterates kept, this is GMRES on `x + F(x) = y`, which converges wherever that
+    system has a unique solution, contraction or not; with a short memory it still does when only a few directions
+    grow (tests/test_schemes.py). The residuals of the
+    pretrained tiny MoE that the plain iteration cannot invert grow in many, and it inverts none more of them
+    (bench/results/solver), hence not the default. The differences of the last map values and residuals sit in two
+    `memory` x n buffers, so that the least squares is one product with their transpose (the `memory` x `memory`
+    Gram matrix, solved in float64 by a pseudo-inverse that drops directions the history does not determine) and
+    the update one more.
 
     Example:
         >>> mixing = AndersonMixing(memory=5)

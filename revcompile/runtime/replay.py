@@ -8,8 +8,8 @@ another expert. Every selection among floating-point values a branch makes in fo
 `max` / `min` along a dim as PhiMoE's sparsemixer uses, `argmax` / `argmin` as Switch-style top-1 routers use) is
 recorded (the indices: tokens x k integers) and replayed in backward: the recompute gathers its values at the
 recorded indices (argmax and argsort: returns them), so gradients flow through the same router weights the forward
-used. Classification also
-uses the recorder: a branch whose forward makes a selection is a router feeding experts, i.e. MoE.
+used. Classification also uses the recorder: a branch whose forward makes a selection is a router feeding experts,
+i.e. MoE.
 
 Autocast: the recompute runs under the autocast state of the forward (`AutocastState`), not the backward's.
 
@@ -46,11 +46,11 @@ _SORT = _Selection(1, -1, torch.return_types.sort, keeps_rank=True)
 _ARGSORT = _Selection(1, -1, None, keeps_rank=True)
 _MAX = _Selection(1, None, torch.return_types.max, keeps_rank=False)
 _MIN = _Selection(1, None, torch.return_types.min, keeps_rank=False)
-_ARGMAX = _Selection(1, None, None, keeps_rank=False)
+_ARGEXTREME = _Selection(1, None, None, keeps_rank=False)  # argmax, argmin
 _SELECTIONS = {torch.topk: _TOPK, torch.Tensor.topk: _TOPK, torch.sort: _SORT, torch.Tensor.sort: _SORT,
                torch.argsort: _ARGSORT, torch.Tensor.argsort: _ARGSORT, torch.max: _MAX, torch.Tensor.max: _MAX,
-               torch.min: _MIN, torch.Tensor.min: _MIN, torch.argmax: _ARGMAX, torch.Tensor.argmax: _ARGMAX,
-               torch.argmin: _ARGMAX, torch.Tensor.argmin: _ARGMAX}
+               torch.min: _MIN, torch.Tensor.min: _MIN, torch.argmax: _ARGEXTREME,
+               torch.Tensor.argmax: _ARGEXTREME, torch.argmin: _ARGEXTREME, torch.Tensor.argmin: _ARGEXTREME}
 
 
 def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
