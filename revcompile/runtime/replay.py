@@ -65,8 +65,10 @@ def _selected(func, args: tuple, kwargs: dict, result: Any) -> torch.Tensor | No
     selections before it; recording it would keep a tokens x k index per layer for nothing.
     """
     selection = _SELECTIONS.get(func)
+    if selection is None:  # (every op of a branch passes here: the common case first)
+        return None
     tensor = _arg(args, kwargs, 0, "input", None)
-    if selection is None or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         return None
     if selection.result is None:
         return result if isinstance(result, torch.Tensor) else None
