@@ -8,6 +8,8 @@ revcompile/measure.py for what is measured and how).
                                                 # bf16 weights: exact (integer) streams against float ones
     python bench/memory.py --lora 16 --depths 8 16 32 --methods plain checkpointing revcompile
                                                 # LoRA fine-tuning (PEFT), base weights frozen
+    python bench/memory.py --model-type glm_moe_dsa --set index_topk=64 --methods plain checkpointing revcompile
+                                                # another family at the same sizes, with its own fields
 
 Config (issue 2): tiny Mixtral, hidden 128, 4 experts top-2, batch 4 x 512 tokens, sdpa attention, fp32 (or
 `--dtype`; in bf16 revcompile's default is exact streams, `revcompile-float` the float ones).
@@ -53,7 +55,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="children per point; the median peak is reported")
     parser.add_argument("--lora", type=int, help="LoRA rank: PEFT's LoRA on the attention projections, base frozen "
                                                   "(results to memory_<device>_lora.*)")
+    parser.add_argument("--model-type", default=MEMORY_CONFIG["model_type"],
+                        help="the transformers model_type built tiny at the same sizes (results to "
+                             "memory_<device>_<model type>.* for another than the default)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", type=_config_field,
+                        help="more config fields (values read as JSON, else as strings), e.g. index_topk=64")
     args = parser.parse_args()
+    config = {**MEMORY_CONFIG, "model_type": args.model_type, **dict(args.set)}
 
     if args.from_json:
         with open(args.from_json) as f:
@@ -65,7 +73,7 @@ def main() -> None:
                 # NOTE: RSS moves by about +-1 MB from run to run (allocator, interpreter); the median of a few
                 # children keeps that noise out of the ratios
                 runs = [measure_step(method, depth, device=args.device, dtype=args.dtype, lora=args.lora,
-                                     onednn=onednn_for_memory(args.device, args.dtype), **MEMORY_CONFIG)
+                                     onednn=onednn_for_memory(args.device, args.dtype), **config)
                         for _ in range(args.repeats)]
                 median = statistics.median(r["peak_mb"] for r in runs)
                 results.append(dict(runs[0], peak_mb=median, peak_mb_runs=[r["peak_mb"] for r in runs]))
@@ -81,9 +89,12 @@ def main() -> None:
             for d in args.depths:
                 notes.append(f"revcompile / HF checkpointing at depth {d}: "
                              f"{peak['revcompile', d] / peak['checkpointing', d]:.2f}")
-    cfg = ", ".join(f"{k}={v}" for k, v in MEMORY_CONFIG.items())
+    cfg = ", ".join(f"{k}={v}" for k, v in config.items())
     command = f"python bench/memory.py --device {args.device} --dtype {args.dtype} --methods {' '.join(args.methods)}"
     command += f" --depths {' '.join(map(str, args.depths))}" + (f" --lora {args.lora}" if args.lora else "")
+    default_model = args.model_type == MEMORY_CONFIG["model_type"]
+    command += "" if default_model else f" --model-type {args.model_type}"
+    command += f" --set {' '.join(f'{k}={json.dumps(v)}' for k, v in args.set)}" if args.set else ""
     lora = f", LoRA rank {args.lora}" if args.lora else ""
     frozen = " (PEFT LoRA on q/k/v/o, base weights frozen)" if args.lora else ""
     text = (f"# Peak memory of one training step ({args.device}, {args.dtype}{lora})\n\n`{command}`;"
@@ -91,7 +102,8 @@ def main() -> None:
             f"{args.repeats} child processes per point.\n\n{table}\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")
     os.makedirs(args.out, exist_ok=True)
-    suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_lora" if args.lora else "")
+    suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_lora" if args.lora else "") + \
+        ("" if default_model else f"_{args.model_type}")
     stem = os.path.join(args.out, f"memory_{args.device.split(':')[0]}{suffix}")
     with open(stem + ".md", "w") as f:
         f.write(text)
@@ -101,7 +113,7 @@ def main() -> None:
     for method in args.methods:
         ax.plot(args.depths, [peak[method, d] for d in args.depths], marker="o", label=METHOD_LABELS[method])
     ax.set(xscale="log", yscale="log", xlabel="layers", ylabel="step peak memory above weights+grads (MB)",
-           title=f"Training-step memory vs depth\n(tiny Mixtral, {args.device}, {args.dtype}{lora})")
+           title=f"Training-step memory vs depth\n(tiny {args.model_type}, {args.device}, {args.dtype}{lora})")
     ax.set_xticks(args.depths, [str(d) for d in args.depths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3)
@@ -109,6 +121,17 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
     print(text)
+
+
+def _config_field(text: str) -> tuple[str, object]:
+    """FIELD=VALUE -> (field, value read as JSON, else the string)."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
 
 
 if __name__ == "__main__":

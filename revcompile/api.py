@@ -23,7 +23,7 @@ from .coupling import Scheme
 from .distributed import refuse_wrapped
 from .errors import RevcompileError
 from .passes.residuals import PARALLEL, SEQUENTIAL, WHOLE
-from .plan import Pair, Skipped, analyze
+from .plan import Pair, Skipped, analyze, with_other_outputs
 from .runtime.compiled import BranchCompiler
 from .runtime.head import (FUSED_KERNELS, HEADS, check_fused_kernel, convert_head, has_chunked_head, head_transform,
                            undo_head)
@@ -185,7 +185,11 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
             layer = pair.module
             scheme = schemes[pair.form]
             outputs = len(pair.call.output) if isinstance(pair.call.output, (tuple, list)) else None
-            layer._revcompile = LayerRuntime(layer, scheme, pair.structure.branch_graphs,
+            structure = pair.structure  # (traced in eval mode: LayerRuntime's NOTE on other outputs)
+            graphs, other_outputs = with_other_outputs(structure.trace, pair.form, structure.chain,
+                                                       structure.branch_graphs,
+                                                       tuple(pair.hands_on) if structure.trace.training else None)
+            layer._revcompile = LayerRuntime(layer, scheme, graphs,
                                              pair.structure.trace.signature, is_first=i == 0,
                                              is_last=i == len(run) - 1, invert=invert, original_class=type(layer),
                                              splits=splits_by_branch(scheme, pair.form, pair.structure.splits_by_token,
@@ -194,7 +198,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                                              batch_context=pair.structure.batch_context, compiler=compiler,
                                              exact=exact_by_form[pair.form], exact_headroom=exact_headroom,
                                              form=pair.form, outputs=outputs,
-                                             traced_training=pair.structure.trace.training)
+                                             traced_training=pair.structure.trace.training,
+                                             other_outputs=other_outputs, hands_on=tuple(pair.hands_on))
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     if any(pair.module.__dict__.get("gradient_checkpointing") for pair in plan.pairs):

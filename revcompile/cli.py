@@ -24,6 +24,7 @@ from tabulate import tabulate
 from torch import fx
 
 from .errors import RevcompileError
+from .runtime.hf_outputs import OtherOutputs
 
 DEFAULT_LAYERS = 8  # of `check`'s tiny config
 
@@ -82,10 +83,13 @@ def show_structure(pair, dot: str | None, prefix: str = "") -> None:
     print(f"== {pair.layer} before (traced layer graph) ==\n{before.code.strip()}\n")
     # the pair's own branches, cut out of the layer graph (a scheme may compose them, with adapters, into others)
     cut = runtime.role_branches()
+    handing = {b.branch: b.positions for b in branches.values() if isinstance(b, OtherOutputs)}
     for name, branch in cut.items():
-        print(f"== branch {name} (cut out of the layer graph) ==\n{branch.code.strip()}\n")
+        also = f"; it also returns the layer's output {', '.join(map(str, handing[branch]))}" if branch in handing \
+            else ""
+        print(f"== branch {name} (cut out of the layer graph{also}) ==\n{branch.code.strip()}\n")
     for name, branch in branches.items():
-        if branch not in cut.values():
+        if (branch.branch if isinstance(branch, OtherOutputs) else branch) not in cut.values():
             print(f"== branch {name} (composed by the scheme) ==\n{branch}\n")
     print(f"== {pair.layer} ({pair.form}) after: generated {pair.scheme} coupling ==\n{coupled.code.strip()}\n")
     print(f"== generated inverse ==\n{inverse.code.strip()}\n")

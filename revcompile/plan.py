@@ -26,10 +26,10 @@ from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .distributed import ORDER, refuse_wrapped
 from .errors import RevcompileError
 from .passes.classify import ATTENTION, FFN, MOE, classify_branches, classify_whole
-from .passes.extract import branch_graph_of, whole_layer_graph_of
+from .passes.extract import branch_graph_of, computes, other_outputs, whole_layer_graph_of
 from .runtime.slicing import BatchContext
-from .passes.residuals import (PARALLEL, SEQUENTIAL, WHOLE, NotReversible, Residual, find_parallel_residual,
-                               find_residual_chain)
+from .passes.residuals import (FORM_ROLES, PARALLEL, SEQUENTIAL, WHOLE, NotReversible, Residual,
+                               find_parallel_residual, find_residual_chain)
 
 
 @dataclass
@@ -71,16 +71,21 @@ class Pair:
     scheme: str | None = None  # the scheme make_reversible converted it with
     # what else reads this layer's output (probe.Stack.read_elsewhere): its run ends here, handing on a hidden state
     read_elsewhere: str = ""
+    # its other outputs that the next layer reads (integer state: DSA's top-k indices): position -> the role making it
+    hands_on: dict[int, str] = field(default_factory=dict)
 
     @property
     def form(self) -> str:
         return self.structure.form
 
 
-def _slices_by(structure: LayerStructure) -> str:
-    """Per branch, what it may run by slices of (runtime/slicing.py): tokens, sequences (of the batch) or neither."""
-    return " | ".join("tokens" if token else "sequences" if sequence else "-"
-                      for token, sequence in zip(structure.splits_by_token, structure.splits_by_sequence))
+def _slices_by(pair: Pair) -> str:
+    """Per branch, what it may run by slices of (runtime/slicing.py): tokens, sequences (of the batch) or neither
+    (a branch making an output the next layer reads runs in one piece)."""
+    structure = pair.structure
+    return " | ".join("-" if role in pair.hands_on.values() else "tokens" if token else "sequences" if sequence
+                      else "-" for role, token, sequence in zip(FORM_ROLES[structure.form], structure.splits_by_token,
+                                                                 structure.splits_by_sequence))
 
 
 @dataclass
@@ -102,7 +107,7 @@ class Plan:
 
     def table(self) -> str:
         rows = [[p.layer, p.form, " | ".join("+".join(m) for m in p.modules), " | ".join(p.kinds),
-                 ", ".join("1" if s is None else f"{s:g}" for s in p.scales), _slices_by(p.structure)]
+                 ", ".join("1" if s is None else f"{s:g}" for s in p.scales), _slices_by(p)]
                 for p in self.pairs]
         headers = ["layer", "form", "branches", "kind", "residual scale", "may run by slices of"]
         if any(p.scheme for p in self.pairs):
@@ -111,6 +116,10 @@ class Plan:
         if any(p.structure.why_whole for p in self.pairs):
             headers.append("why whole layer")
             rows = [row + [p.structure.why_whole] for row, p in zip(rows, self.pairs)]
+        if any(p.hands_on for p in self.pairs):
+            headers.append("hands on to the next layer")
+            rows = [row + [", ".join(f"output {i} (from {role})" for i, role in p.hands_on.items())]
+                    for row, p in zip(rows, self.pairs)]
         if any(p.read_elsewhere for p in self.pairs):
             headers.append("output also read by (a run ends here)")
             rows = [row + [p.read_elsewhere] for row, p in zip(rows, self.pairs)]
@@ -189,6 +198,33 @@ def layer_branches(layer: nn.Module, args: tuple, kwargs: dict, form: str | None
     return trace, form, chain, graphs, why
 
 
+def with_other_outputs(trace: LayerTrace, form: str, chain: list[Residual], graphs: list[fx.Graph],
+                       positions: tuple[int, ...] | None = None) -> tuple[list[fx.Graph], dict[int, int]]:
+    """The branch graphs of a cut layer, those that compute some of the layer's other outputs (top-k indices,
+    recurrent state, attention weights) returning them too: (graphs, {output position: index of the branch}).
+
+    positions: the outputs wanted (None: every one that a branch computes alone); raises NotReversible for a
+    wanted one that no branch computes alone. An output that is a constant in this trace (None) is not wanted.
+    """
+    outputs = other_outputs(trace.graph)
+    wanted = outputs if positions is None else {p: outputs[p] for p in positions if p in outputs}
+    source: dict[int, int] = {}
+    for position, node in wanted.items():
+        role = 0 if form == WHOLE else next((i for i, r in enumerate(chain) if computes(trace, r, node)), None)
+        if role is not None:
+            source[position] = role
+        elif positions is not None:
+            raise NotReversible(f"its output {position} ({node.name}), which the next layer reads, is computed by "
+                                "neither of its branches alone")
+    cut = []
+    for i, graph in enumerate(graphs):
+        handed = tuple(wanted[p] for p in sorted(source) if source[p] == i)
+        if handed:
+            graph = whole_layer_graph_of(trace, handed) if form == WHOLE else branch_graph_of(trace, chain[i], handed)
+        cut.append(graph)
+    return cut, source
+
+
 def _modules(graph: fx.Graph) -> set:
     return {n.target for n in graph.nodes if n.op == "call_module"}
 
@@ -216,12 +252,36 @@ def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
     return LayerStructure(trace, chain, graphs, kinds, by_token, by_sequence, found.batch_context, form)
 
 
-def _hands_on_state(call: LayerCall, following: LayerCall) -> bool:
-    """Does a layer's call return, beside its hidden state, a tensor that the next layer's call reads?"""
+def _handed_on(call: LayerCall, following: LayerCall) -> dict[int, list[torch.Tensor]]:
+    """The outputs of a layer's call, beside its hidden state, that the next layer's call reads: {position: their
+    tensors}."""
     if not isinstance(call.output, (tuple, list)):
-        return False
-    extras = {id(t) for t in tree_flatten(list(call.output[1:]))[0] if isinstance(t, torch.Tensor)}
-    return any(id(t) in extras for t in tree_flatten((following.args[1:], following.kwargs))[0])
+        return {}
+    read = {id(t) for t in tree_flatten((following.args[1:], following.kwargs))[0] if isinstance(t, torch.Tensor)}
+    handed = {i: [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+              for i, value in enumerate(call.output) if i}
+    return {i: tensors for i, tensors in handed.items() if any(id(t) in read for t in tensors)}
+
+
+def _hands_on(found: LayerStructure, call: LayerCall, following: LayerCall | None) -> dict[int, str]:
+    """The outputs a layer hands on to the next one, where the reversible run can hand them on: {position: the role
+    (branch) that makes it}.
+
+    NOTE: only integer state can be handed on (DeepSeek sparse attention's top-k indices in GLM-MoE-DSA and HY-V4:
+    the next layer reads them to build its attention mask). It carries no gradient, so the branch that makes it
+    returns it from forward and the next layer keeps it as context for its recompute, as any mask. A floating-point
+    state would need a gradient from the next layer's backward back into this layer's, which a reversible run
+    (each layer's backward on its own rebuilt input) cannot give.
+    """
+    handed = _handed_on(call, following) if following is not None else {}
+    if not handed:
+        return {}
+    if any(t.is_floating_point() or t.is_complex() for tensors in handed.values() for t in tensors):
+        raise NotReversible(f"it returns {len(call.output)} values and the next layer reads a floating-point one "
+                            "(state carried from layer to layer beside the hidden state), which a reversible run "
+                            "cannot rebuild nor give a gradient; integer state (top-k indices) is handed on")
+    _, sources = with_other_outputs(found.trace, found.form, found.chain, found.branch_graphs, tuple(sorted(handed)))
+    return {position: FORM_ROLES[found.form][sources[position]] for position in sorted(sources)}
 
 
 def structure_key(layer: nn.Module, call: LayerCall) -> tuple:
@@ -283,16 +343,17 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                         f"its traced graph fails on the probe's values ({type(err).__name__}: {first_line}): the "
                         "layer is traced once, so a forward that branches on values (`if out is not None`) does not "
                         "convert")
-            found = structures[key]
-            if index + 1 < len(stack.calls) and _hands_on_state(call, stack.calls[index + 1]):
-                found = NotReversible(f"it returns {len(call.output)} values and the next layer reads one of them "
-                                      "(state carried from layer to layer beside the hidden state), which a "
-                                      "reversible run cannot rebuild")
+            found, hands_on = structures[key], {}
+            if not isinstance(found, NotReversible):
+                try:
+                    hands_on = _hands_on(found, call, stack.calls[index + 1] if index + 1 < len(stack.calls) else None)
+                except NotReversible as reason:
+                    found = reason
             if isinstance(found, NotReversible):
                 skipped.append(Skipped(names[layer], str(found)))
                 continue
             pairs.append(Pair(names[layer], stack.name, index, tuple(found.kinds),
                               tuple(found.branch_modules(i) for i in range(len(found.branch_graphs))),
                               tuple(r.scale for r in found.chain) or (None,), layer, call, found,
-                              read_elsewhere=stack.read_elsewhere.get(index, "")))
+                              read_elsewhere=stack.read_elsewhere.get(index, ""), hands_on=hands_on))
     return Plan([s.name for s in stacks], pairs, skipped, len(structures))

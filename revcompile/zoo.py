@@ -62,9 +62,9 @@ from .runtime.layer import disable_inversion
 # not compared: their pair scheme runs M after A by design.
 FLOAT64, FLOAT32, BIT_FOR_BIT = "float64", "float32 inside", "bit for bit"
 ORIGINAL_BOUND = {"logits": 1e-8, "loss": 1e-5, "gradients": 1e-5}
-# generate() on that copy: transformers' own fails at the tiny config; it fails converted (a loud limitation: RWKV's
-# recurrent state, an extra layer output the coupling does not compute); the same greedy tokens; other tokens (a
-# silent change: a mismatch)
+# generate() on that copy: transformers' own fails at the tiny config; it fails converted (a loud limitation; RWKV's
+# did until converted layers returned the recurrent state their branch fills); the same greedy tokens; other tokens
+# (a silent change: a mismatch)
 GENERATE_OUTCOMES = ("fails unconverted", "fails converted", "same tokens", "other tokens")
 # A trained converted model saved and loaded with revcompile.from_pretrained computes what it did: logits measured
 # equal bit for bit in 169 of 175 families; the others (hy_v4, deepseek_v4, bailing_hybrid, flint, inkling_text,

@@ -52,6 +52,16 @@ def test_diff_shows_every_traced_structure(capsys, tmp_path):
         assert (tmp_path / f"{layer}.inverse.dot").exists()
 
 
+def test_diff_shows_a_branch_that_hands_state_on(capsys):
+    """GLM-MoE-DSA's attention branch also returns the top-k indices the next layer reads: the plan and the branch
+    say so, and the wrapped branch is not shown again as one the scheme composed."""
+    assert main(["diff", "glm_moe_dsa"]) == 0
+    out = capsys.readouterr().out
+    assert "hands on to the next layer" in out and "output 1 (from attn)" in out
+    assert "== branch attn (cut out of the layer graph; it also returns the layer's output 1) ==" in out
+    assert "composed by the scheme" not in out
+
+
 def test_op_count_table_counts_the_branches_ops():
     """The layer's own `mlp` child is still called once (inside the cut-out branch): not a removed op."""
     import revcompile

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import revcompile
-from conftest import loss_and_grads, make_model, rel_err, token_batch
+from conftest import TOLERANCE, loss_and_grads, make_model, rel_err, token_batch
 
 
 def assert_matches_reference(model, tolerance, **forward_kwargs):
@@ -169,6 +169,51 @@ def test_generate_with_kv_cache_matches_full_recompute(chunks):
     uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     assert cached.shape == (2, 12)
+
+
+SHARED_INDEXERS = ["full", "shared", "full", "shared"]  # full layers select their own top-k, shared ones reuse it
+
+
+def test_top_k_indices_handed_from_layer_to_layer_convert():
+    """GLM-MoE-DSA's layers return their sparse attention's top-k indices and the next layer reads them (a shared
+    layer raises without them). Integer state: the attention branch hands it on from the reversible forward, and the
+    next layer keeps it as context. Every layer converts, gradients are the reference's, and with max_run=1 (each
+    layer computing the original layer) the logits are the unconverted model's: indices handed on from the wrong
+    layer, or from the wrong pass, would change them."""
+    original = make_model("glm_moe_dsa", layers=4, indexer_types=SHARED_INDEXERS).eval()
+    ids = token_batch(original, batch=2, seq=12)
+    with torch.no_grad():
+        expected = original(ids).logits
+    model = revcompile.make_reversible(copy.deepcopy(original))
+    plan = revcompile.analyze(model)
+    assert [p.hands_on for p in plan.pairs] == [{1: "attn"}] * 3 + [{}] and not plan.skipped
+    assert "output 1 (from attn)" in plan.table()
+    assert_matches_reference(model, TOLERANCE[torch.float64], ids=ids)
+    each_layer_alone = revcompile.make_reversible(copy.deepcopy(original), max_run=1).eval()
+    with torch.no_grad():  # measured 0 over model seeds 0-2 at 1 and 2 threads (the zoo: at most 9.5e-16)
+        assert rel_err(each_layer_alone(ids).logits, expected) < 1e-12
+
+
+def test_floating_point_state_handed_to_the_next_layer_is_refused():
+    """A float carried beside the hidden state would need a gradient from the next layer's backward: the layers
+    that hand one on stay as they are, and the plan says why."""
+    from plain_models import CarryLM
+
+    plan = revcompile.analyze(CarryLM())
+    assert [s.layer for s in plan.skipped] == ["blocks.0", "blocks.1"]
+    assert all("reads a floating-point one" in s.reason for s in plan.skipped)
+
+
+def test_rwkv_generates_with_the_recurrent_state_its_layers_return():
+    """RWKV's layers return their recurrent state, which generate() hands back to them at the next token: converted
+    (midpoint over all 3 layers, not the original function), greedy tokens with that state equal those of
+    recomputing the whole sequence at each token. (One sequence: with two, transformers' own RWKV broadcasts a
+    token's shifted state across the batch and its cached tokens differ from its uncached ones.)"""
+    model = revcompile.make_reversible(make_model("rwkv")).eval()
+    prompt = token_batch(model, batch=1, seq=6)
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (1, 14)
 
 
 def test_save_pretrained_round_trip(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from revcompile.coupling import Step
-from revcompile.zoo import (BIT_FOR_BIT, BOUND, CONVERTED, MAX_PARAMETERS, MISMATCH, NOT_BUILT, PRECISIONS, SKIPPED,
-                            build, causal_lm_families, run_family)
+from revcompile.zoo import (BIT_FOR_BIT, BOUND, CONVERTED, GENERATE_OUTCOMES, MAX_PARAMETERS, MISMATCH, NOT_BUILT,
+                            PRECISIONS, SKIPPED, build, causal_lm_families, run_family)
 
 # one family per layer form and per case that used to fail: sequential MoE; the MoE whose `.view` of a sequence
 # slice crashed backward (flex_olmo); parallel residual (phi); post-norm (openai-gpt) and extra outputs (bloom),
@@ -105,6 +105,19 @@ def test_an_output_the_model_reads_itself_ends_a_run():
     result = run_family("inkling2_text", layers=8, precision="bf16 autocast")
     assert result.status == CONVERTED and result.converted == 8, result.reason
     assert result.layer_error == 0  # (the block states' gradient is summed in another order: see zoo.py)
+
+
+@pytest.mark.parametrize("family", ["glm_moe_dsa", "hy_v4", "rwkv"])
+def test_layers_returning_state_convert_whole_stacks(family):
+    """GLM-MoE-DSA and HY-V4 hand sparse attention's top-k indices from layer to layer (only their last layer
+    converted before); RWKV's layers return their recurrent state, which generate() reads (it failed converted).
+    Every layer converts with the reference's gradients, computes the original model with max_run=1, and
+    generates its tokens; in bfloat16, bit for bit."""
+    result = run_family(family)
+    assert result.status == CONVERTED and result.converted == result.layers == 3, result.reason
+    assert result.error <= BOUND[result.bound] and result.generate == GENERATE_OUTCOMES[2], result.generate
+    result = run_family(family, precision="bfloat16")
+    assert result.status == CONVERTED and result.bound == BIT_FOR_BIT and result.error == 0, result.reason
 
 
 @pytest.mark.slow

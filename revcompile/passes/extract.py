@@ -1,5 +1,6 @@
 """Rewrite pass: cut a residual branch out of a layer graph as a GraphModule `branch(x, *context) -> B(x)`, or
-make the whole layer's update `f(x, *context) -> layer(x)[0] - x` (`whole_layer_graph_of`).
+make the whole layer's update `f(x, *context) -> layer(x)[0] - x` (`whole_layer_graph_of`). Either may also return
+some of the layer's other outputs (`hands_out`: DSA's top-k indices, RWKV's recurrent state, router logits).
 
 The branch is every node the added value depends on, down to (not including) the residual stream, which becomes
 the placeholder `x`. The GraphModule is rooted at the layer, so it calls the layer's own children: parameters are
@@ -52,6 +53,39 @@ def written_tensor(node: fx.Node) -> fx.Node | None:
     return target
 
 
+def _writes(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """tensor node -> the in-place writes into it."""
+    writes: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        written = written_tensor(node)
+        if written is not None:
+            writes.setdefault(written, []).append(node)
+    return writes
+
+
+def _needed(roots, stream: fx.Node, writes: dict[fx.Node, list[fx.Node]]) -> set[fx.Node]:
+    """Every node `roots` depend on, down to (not including) `stream`, with every write into a needed tensor."""
+    needed, pending = set(), list(roots)
+    while pending:
+        node = pending.pop()
+        if node in needed or node is stream:
+            continue
+        needed.add(node)
+        pending.extend(node.all_input_nodes)
+        pending.extend(writes.get(node, ()))
+    return needed
+
+
+def computes(trace: LayerTrace, residual: Residual, value: fx.Node) -> bool:
+    """Can the branch of `residual` also return `value`: is it made from what the branch computes and the context,
+    with no module call of its own (a module called twice would run, and update a cache, twice) and without
+    reading the layer's input?"""
+    writes = _writes(trace.graph)
+    more = _needed([value], residual.stream, writes) - _needed([residual.branch], residual.stream, writes)
+    return not any(node.op == "call_module" or (node.op == "placeholder" and node.target not in trace.context_names)
+                   for node in more)
+
+
 def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.Node, ...] = ()) -> fx.Graph:
     """A new graph computing `residual.branch` from the placeholder `x` and the layer's context placeholders; with
     `hands_out` (values the layer hands to the rest of the model: router logits), the graph returns
@@ -60,29 +94,14 @@ def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.N
     # or through a view (DeepSeek-V3's attention: `key_states = k.new_empty(...)`, then `key_states[..., :d] = k_nope`
     # as a slice's `copy_`); the write has no user, so data flow alone would leave it out and the branch would read
     # uninitialised memory. A needed tensor brings every write into it along.
-    writes: dict[fx.Node, list[fx.Node]] = {}
-    for node in trace.graph.nodes:
-        written = written_tensor(node)
-        if written is not None:
-            writes.setdefault(written, []).append(node)
-
-    def needed_for(roots) -> set[fx.Node]:
-        needed, pending = set(), list(roots)
-        while pending:
-            node = pending.pop()
-            if node in needed or node is residual.stream:
-                continue
-            needed.add(node)
-            pending.extend(node.all_input_nodes)
-            pending.extend(writes.get(node, ()))
-        return needed
+    writes = _writes(trace.graph)
 
     def reads_the_layer_input(nodes: set[fx.Node]) -> fx.Node | None:
         return next((n for n in nodes if n.op == "placeholder" and n.target not in trace.context_names), None)
 
-    needed = needed_for([residual.branch])
+    needed = _needed([residual.branch], residual.stream, writes)
     if hands_out:
-        handed = needed_for(hands_out)
+        handed = _needed(hands_out, residual.stream, writes)
         if reads_the_layer_input(handed) is not None:
             raise NotReversible(f"values handed out ({', '.join(n.name for n in hands_out)}) are not computed from "
                                 "the branch's input")
@@ -103,9 +122,19 @@ def branch_graph_of(trace: LayerTrace, residual: Residual, hands_out: tuple[fx.N
     return graph
 
 
-def whole_layer_graph_of(trace: LayerTrace) -> fx.Graph:
+def other_outputs(graph: fx.Graph) -> dict[int, fx.Node]:
+    """The layer's outputs after its hidden state that are graph values, by position in its output tuple (what
+    returns None or a constant there is left out)."""
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
+    if not isinstance(result, (tuple, list)):
+        return {}
+    return {i: value for i, value in enumerate(result) if i and isinstance(value, fx.Node)}
+
+
+def whole_layer_graph_of(trace: LayerTrace, hands_out: tuple[fx.Node, ...] = ()) -> fx.Graph:
     """A new graph computing the whole layer's update f(x) = layer(x) - x (its first output, when it returns several),
-    from the placeholder `x` and the layer's context placeholders.
+    from the placeholder `x` and the layer's context placeholders; with `hands_out` (other outputs of the layer),
+    the graph returns `(f, *hands_out)`.
 
     Example:
         >>> f = fx.GraphModule(layer, whole_layer_graph_of(trace))    # f(x, *context) + x == layer(x, ...)[0]
@@ -117,7 +146,8 @@ def whole_layer_graph_of(trace: LayerTrace) -> fx.Graph:
             env[node] = graph.placeholder("x" if node.target == trace.hidden_name else node.target)
         elif node.op == "output":
             hidden = next(env[n] for n in env if n.op == "placeholder" and n.target == trace.hidden_name)
-            graph.output(graph.call_function(operator.sub, (env[hidden_output(trace.graph)], hidden)))
+            update = graph.call_function(operator.sub, (env[hidden_output(trace.graph)], hidden))
+            graph.output((update, *(env[value] for value in hands_out)) if hands_out else update)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()

@@ -43,7 +43,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
-from .hf_outputs import ROUTER_LOGITS, private_collector
+from .hf_outputs import ROUTER_LOGITS, other_outputs_into, private_collector, runs_whole
 from .replay import AutocastState, Replay, run_recorded, run_recorded_again, run_replayed
 from .slicing import Piece, branch_pieces
 from .streams import FloatStreams
@@ -160,8 +160,9 @@ def _solve(call: CouplingCall, step, after: dict[str, torch.Tensor], context: li
     """Invert an implicit step by fixed-point iteration, the branch replaying the forward's routing and RNG."""
     branch = call.branches[step.branch]
     scheme = call.runtime.scheme
-    # the iterations' router logits go to a private collector: Hugging Face's aux loss must not see them
-    with torch.no_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS):
+    # the iterations' router logits go to a private collector: Hugging Face's aux loss must not see them (nor the
+    # layer's output its other outputs)
+    with torch.no_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS), other_outputs_into(None):
         return fixed_point(step, after, lambda state: run_replayed(branch, (*(state[s] for s in step.reads),
                                                                             *context), replay),
                            scheme.tol, scheme.max_iters, scheme.anderson)
@@ -180,11 +181,12 @@ def _check_inversion(call: CouplingCall, step, before: dict[str, torch.Tensor], 
     return None if ok else before[step.target].detach().clone()
 
 
-def step_pieces(runtime: "StreamRuntime", step, read: torch.Tensor, context: list,
+def step_pieces(runtime: "StreamRuntime", step, branch: torch.nn.Module, read: torch.Tensor, context: list,
                 collecting_router_logits: bool) -> list[Piece] | None:
     """The pieces a step's branch runs in (forward, recompute and the coupled reference alike), or None for one
-    piece: not for implicit steps, nor while router logits are collected."""
-    if step.implicit or collecting_router_logits:
+    piece: not for implicit steps, nor for a branch making other outputs of the layer, nor while router logits are
+    collected."""
+    if step.implicit or collecting_router_logits or runs_whole(branch):
         return None
     return branch_pieces(runtime.splits.get(step.branch), read, context, runtime.layouts)
 
@@ -216,7 +218,7 @@ def _run_forward_branch(call: CouplingCall, branch, reads: list[torch.Tensor], c
 def _forward_branch(call: CouplingCall, step, reads: list[torch.Tensor], context: list):
     """Run a step's branch in forward, recording each piece's routing and RNG: (output, [(piece, replay)])."""
     branch = call.branches[step.branch]
-    pieces = step_pieces(call.runtime, step, reads[0], context, call.router_logits is not None)
+    pieces = step_pieces(call.runtime, step, branch, reads[0], context, call.router_logits is not None)
     if pieces is None:
         out, replay = _run_forward_branch(call, branch, reads, context)
         return out, [(None, replay)]

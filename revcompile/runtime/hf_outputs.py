@@ -1,5 +1,6 @@
-"""Hugging Face's output capture, seen from reversible layers: `output_router_logits` and `output_hidden_states`.
-(The torch.compile backend's layers collect the router logits their MoE branch hands out the same way.)
+"""A converted layer's outputs beside its hidden state: Hugging Face's output capture (`output_router_logits`,
+`output_hidden_states`) and the layer's own other outputs. (The torch.compile backend's layers collect the router
+logits their MoE branch hands out the same way.)
 
 transformers v5 collects such outputs with forward hooks into a collector that is active during one model call
 (a context variable). Two consequences for reversible layers:
@@ -16,6 +17,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
+
+from torch import nn
 
 ROUTER_LOGITS = "router_logits"
 _CAPTURING = "transformers.utils.output_capturing"  # a private module of transformers v5
@@ -46,3 +49,54 @@ def private_collector(*keys: str):
         yield collected
     finally:
         variable.reset(token)
+
+
+# A layer's other outputs (beside its hidden state: DSA's top-k indices, RWKV's recurrent state, attention weights)
+# are computed by the branch that makes them (plan.with_other_outputs), which returns them through this sink while a
+# converted layer's forward runs the scheme's steps; nowhere else (a recompute, a fixed-point iteration) do they go.
+_OTHER_OUTPUTS: ContextVar[dict | None] = ContextVar("revcompile_other_outputs", default=None)
+
+
+@contextmanager
+def other_outputs_into(sink: dict | None):
+    """While the block runs, branches that make other outputs of their layer put them into `sink` (None: nowhere),
+    by position in the layer's output."""
+    token = _OTHER_OUTPUTS.set(sink)
+    try:
+        yield sink
+    finally:
+        _OTHER_OUTPUTS.reset(token)
+
+
+class OtherOutputs(nn.Module):
+    """A branch returning `(update, *values)`, called as one returning `update`: the values go into the active sink
+    at their `positions` in the layer's output.
+
+    NOTE: a scheme branch that contains one runs in one piece (`runs_whole`, `function.step_pieces`): values made
+    in slices would need joining by a layout nobody knows (a recurrent state filled in place is one object).
+    """
+
+    def __init__(self, branch: nn.Module, positions: tuple[int, ...]):
+        super().__init__()
+        self.branch, self.positions = branch, positions
+
+    def forward(self, *args):
+        update, *values = self.branch(*args)
+        sink = _OTHER_OUTPUTS.get()
+        if sink is not None:
+            sink.update(zip(self.positions, values))
+        return update
+
+
+_RUNS_WHOLE = "_revcompile_runs_whole"
+
+
+def mark_whole(branches: dict[str, nn.Module]) -> None:
+    """Mark the scheme branches that make other outputs of their layer (they contain an OtherOutputs)."""
+    for branch in branches.values():
+        if any(isinstance(m, OtherOutputs) for m in branch.modules()):
+            setattr(branch, _RUNS_WHOLE, True)
+
+
+def runs_whole(branch: nn.Module) -> bool:
+    return getattr(branch, _RUNS_WHOLE, False)

@@ -34,7 +34,8 @@ from ..passes.rewrite import coupling_module
 from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, step_pieces
-from .hf_outputs import ROUTER_LOGITS, active_collector, private_collector
+from .hf_outputs import (ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole, other_outputs_into,
+                         private_collector, runs_whole)
 from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
 from .replay import AutocastState
 from .slicing import SEQUENCE, TOKEN, BatchContext, Split
@@ -221,7 +222,7 @@ class StreamRuntime:
                     collecting_router_logits: bool) -> torch.Tensor:
         branch = branches[step.branch]
         reads = [branch_input(read) for read in reads]
-        pieces = step_pieces(self, step, reads[0], values, collecting_router_logits)
+        pieces = step_pieces(self, step, branch, reads[0], values, collecting_router_logits)
         with branch_autocast(reads[0].device):
             if pieces is None:
                 return branch(*reads, *values)
@@ -299,11 +300,17 @@ class LayerRuntime(StreamRuntime):
                  is_first: bool, is_last: bool, invert: bool, original_class: type, splits: dict[str, Split],
                  batch_context: BatchContext | None = None, compiler: BranchCompiler | None = None,
                  exact: bool | None = False, exact_headroom: int | None = None, form: str = SEQUENTIAL,
-                 outputs: int | None = None, traced_training: bool = False):
+                 outputs: int | None = None, traced_training: bool = False,
+                 other_outputs: dict[int, int] | None = None, hands_on: tuple[int, ...] = ()):
         super().__init__(scheme, is_first, is_last, splits, batch_context, exact, exact_headroom,
                          compiled_branches=compiler is not None)
         self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
         self.outputs = outputs  # how many values the original layer returns (None: one tensor, not a tuple)
+        # NOTE: the other outputs a converted layer returns. In training only those the next layer reads
+        # (`hands_on`, integer state: plan._hands_on): a floating-point one computed in the reversible forward would
+        # carry no gradient, so it stays None there. In eval every one a branch computes alone (plan.with_other_outputs:
+        # RWKV's recurrent state for generate(), attention weights), as the original layer returns them.
+        self.hands_on = hands_on
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert
         self.original_class = original_class
@@ -311,15 +318,22 @@ class LayerRuntime(StreamRuntime):
         # (call signature, the layer's mode when traced: LayerTrace's NOTE) -> branches, coupled forward, inverse
         self._built: dict[tuple[tuple, bool], tuple[dict[str, nn.Module], fx.GraphModule, fx.GraphModule]] = {}
         self._roles: dict[str, fx.GraphModule] = {}
-        self._build(layer, branch_graphs, signature, traced_training)
+        self._build(layer, branch_graphs, signature, traced_training, other_outputs or {})
 
-    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple, training: bool):
+    def _build(self, layer: nn.Module, branch_graphs: list[fx.Graph], signature: tuple, training: bool,
+               other_outputs: dict[int, int]):
+        """Build the coupling for calls with this signature in this mode from the branch graphs (`other_outputs`:
+        output position -> index of the branch graph that also returns it)."""
         roles = {name: fx.GraphModule(layer, graph, class_name=f"{name.title()}Branch")
                  for name, graph in zip(FORM_ROLES[self.form], branch_graphs)}
         self._roles = self._roles or roles
         if self.compiler is not None:
             roles = {name: self.compiler(layer, branch, name) for name, branch in roles.items()}
+        positions = {name: tuple(sorted(p for p, source in other_outputs.items() if source == i))
+                     for i, name in enumerate(FORM_ROLES[self.form])}
+        roles = {name: OtherOutputs(role, positions[name]) if positions[name] else role for name, role in roles.items()}
         branches = scheme_branches(self.scheme, self.form, roles, getattr(layer, NEW_MODULES, {}))
+        mark_whole(branches)
         names = dynamic_names(signature)
         self._built[signature, training] = (branches, coupling_module(self.scheme, branches, names),
                                             coupling_module(self.scheme, branches, names, inverse=True))
@@ -337,16 +351,19 @@ class LayerRuntime(StreamRuntime):
         """
         key = (signature, layer.training)
         if key not in self._built:
-            from ..plan import layer_branches  # the passes, run again for a call signature the probe did not see
+            # the passes, run again for a call signature the probe did not see
+            from ..plan import layer_branches, with_other_outputs
 
             original = layer.__class__
             layer.__class__ = self.original_class
             try:
-                _, _, _, graphs, _ = layer_branches(layer, args, kwargs, self.form,
-                                                    like=[r.graph for r in self._roles.values()])
+                trace, _, chain, graphs, _ = layer_branches(layer, args, kwargs, self.form,
+                                                            like=[r.graph for r in self._roles.values()])
+                graphs, other_outputs = with_other_outputs(trace, self.form, chain, graphs,
+                                                           self.hands_on if layer.training else None)
             finally:
                 layer.__class__ = original
-            self._build(layer, graphs, signature, layer.training)
+            self._build(layer, graphs, signature, layer.training, other_outputs)
         return self._built[key]
 
     def _check_layout(self, layer: nn.Module, branches: dict[str, nn.Module], hidden: torch.Tensor,
@@ -354,7 +371,8 @@ class LayerRuntime(StreamRuntime):
         """A context layout the probe did not see (a padding mask that was None there): find its batch-carrying
         leaves and check, once, on this call's values, that each branch sliced by batch gives its output whole (as
         the analysis did on the probe's, `classify.splits_by_sequence`). A layout that fails runs in one piece."""
-        sequence_wise = [name for name, split in self.splits.items() if split.kind == SEQUENCE]
+        sequence_wise = [name for name, split in self.splits.items()
+                         if split.kind == SEQUENCE and not runs_whole(branches[name])]
         shape = hidden.shape if self.is_first else hidden.shape[1:]  # later layers get (n_streams, *hidden.shape)
         if not sequence_wise or len(shape) < 3 or shape[0] < 2:
             return
@@ -388,10 +406,14 @@ class LayerRuntime(StreamRuntime):
         return next(iter(self._built.values()))
 
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | tuple:
-        """The converted layer's call; a layer that returned a tuple returns (output, None, ...): its extra values
-        (attention weights) are not computed by the coupling."""
-        out = self._run(layer, args, kwargs)
-        return out if self.outputs is None else (out, *(None,) * (self.outputs - 1))
+        """The converted layer's call; a layer that returned a tuple returns (output, *its other outputs), each
+        made by the branch that computes it, or None (see `hands_on`)."""
+        with other_outputs_into({}) as made:
+            out = self._run(layer, args, kwargs)
+        if self.outputs is None:
+            return out
+        count = max([self.outputs, *(position + 1 for position in made)])
+        return (out, *(made.get(position) for position in range(1, count)))
 
     def _run(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, context, signature = self.bind(layer, args, kwargs)
