@@ -71,7 +71,8 @@ class Pair:
     scheme: str | None = None  # the scheme make_reversible converted it with
     # what else reads this layer's output (probe.Stack.read_elsewhere): its run ends here, handing on a hidden state
     read_elsewhere: str = ""
-    # its other outputs that the next layer reads (integer state: DSA's top-k indices): position -> the role making it
+    # its other outputs that the next layer reads (DSA's top-k indices, Zaya's router states): position -> the role
+    # that makes it
     hands_on: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -214,8 +215,9 @@ def with_other_outputs(trace: LayerTrace, form: str, chain: list[Residual], grap
         if role is not None:
             source[position] = role
         elif positions is not None:
-            raise NotReversible(f"its output {position} ({node.name}), which the next layer reads, is computed by "
-                                "neither of its branches alone")
+            raise NotReversible(f"the next layer reads its output {position} ({node.name}: state carried from layer "
+                                "to layer beside the hidden state), which neither of its branches computes alone, so "
+                                "no reversible branch can hand it on")
     cut = []
     for i, graph in enumerate(graphs):
         handed = tuple(wanted[p] for p in sorted(source) if source[p] == i)
@@ -264,22 +266,19 @@ def _handed_on(call: LayerCall, following: LayerCall) -> dict[int, list[torch.Te
 
 
 def _hands_on(found: LayerStructure, call: LayerCall, following: LayerCall | None) -> dict[int, str]:
-    """The outputs a layer hands on to the next one, where the reversible run can hand them on: {position: the role
-    (branch) that makes it}.
+    """The outputs a layer hands on to the next one: {position: the role (branch) that makes it}; NotReversible
+    when one of them is not made by a branch alone.
 
-    NOTE: only integer state can be handed on (DeepSeek sparse attention's top-k indices in GLM-MoE-DSA and HY-V4:
-    the next layer reads them to build its attention mask). It carries no gradient, so the branch that makes it
-    returns it from forward and the next layer keeps it as context for its recompute, as any mask. A floating-point
-    state would need a gradient from the next layer's backward back into this layer's, which a reversible run
-    (each layer's backward on its own rebuilt input) cannot give.
+    NOTE: what the next layer reads beside the hidden state (DeepSeek sparse attention's top-k indices in
+    GLM-MoE-DSA and HY-V4, Zaya's router states) is made by one of this layer's branches; that branch returns it
+    from the reversible forward and the next layer keeps it as context for its recompute, as any mask. Integer
+    state is handed on as it is. A floating-point one is an output of this layer's reversible Function: the next
+    layer's backward, which runs first, gives it its gradient, and this layer's backward takes that gradient into
+    the recompute of the branch that made it (as Hugging Face's router logits are).
     """
     handed = _handed_on(call, following) if following is not None else {}
     if not handed:
         return {}
-    if any(t.is_floating_point() or t.is_complex() for tensors in handed.values() for t in tensors):
-        raise NotReversible(f"it returns {len(call.output)} values and the next layer reads a floating-point one "
-                            "(state carried from layer to layer beside the hidden state), which a reversible run "
-                            "cannot rebuild nor give a gradient; integer state (top-k indices) is handed on")
     _, sources = with_other_outputs(found.trace, found.form, found.chain, found.branch_graphs, tuple(sorted(handed)))
     return {position: FORM_ROLES[found.form][sources[position]] for position in sorted(sources)}
 

@@ -288,3 +288,46 @@ class CarryLM(PlainLM):
         for block in self.blocks:
             x, carry = block(x, carry)
         return self.head(self.norm(x))
+
+
+class RouterStateMoE(TopKMoE):
+    """Routes by a small router state made from its input and the previous layer's (Zaya's router states), and
+    returns (output, its router state): floating-point state, with gradient, carried from layer to layer."""
+
+    def __init__(self, width: int, state: int = 8):
+        super().__init__(width)
+        self.down = nn.Linear(width, state)
+        self.router = nn.Linear(state, len(self.experts), bias=False)
+
+    def forward(self, x, previous):
+        state = self.down(x) + previous
+        weights, chosen = self.router(state).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (weights * (chosen == e)).sum(-1, keepdim=True) * expert(x)
+        return out, state
+
+
+class RouterStateBlock(PreNormBlock):
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.ff = RouterStateMoE(width)
+
+    def forward(self, x, state):
+        x = x + self.mix(self.norm_a(x))
+        out, state = self.ff(self.norm_b(x), state)
+        return x + out, state
+
+
+class RouterStateLM(PlainLM):
+    """A PlainLM of RouterStateBlocks, each reading the previous block's router state."""
+
+    def __init__(self, depth: int = 3, width: int = 32, vocab: int = 64):
+        super().__init__(RouterStateBlock, depth, width, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        state = torch.zeros(*x.shape[:-1], self.blocks[0].ff.down.out_features, dtype=x.dtype, device=x.device)
+        for block in self.blocks:
+            x, state = block(x, state)
+        return self.head(self.norm(x))

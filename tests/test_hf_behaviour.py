@@ -194,14 +194,31 @@ def test_top_k_indices_handed_from_layer_to_layer_convert():
         assert rel_err(each_layer_alone(ids).logits, expected) < 1e-12
 
 
-def test_floating_point_state_handed_to_the_next_layer_is_refused():
-    """A float carried beside the hidden state would need a gradient from the next layer's backward: the layers
-    that hand one on stay as they are, and the plan says why."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_router_state_handed_from_layer_to_layer_gets_its_gradient(dtype):
+    """Each MoE routes by a state made from its input and the previous layer's (Zaya's router states): a float
+    carried with gradient. It leaves each layer's reversible Function as an output; the next layer's backward gives
+    it its gradient and this layer's recompute takes it in. Gradients equal the reference's: measured at most
+    7.5e-16 in fp64 and exactly 0 in bf16 (exact streams) over seeds 0-2 at 1 and 2 threads; with that gradient
+    dropped, 1.0 off."""
+    from plain_models import RouterStateLM
+
+    torch.manual_seed(0)
+    model = revcompile.make_reversible(RouterStateLM(depth=4).to(dtype))
+    plan = revcompile.analyze(model)
+    assert [p.hands_on for p in plan.pairs] == [{1: "mlp"}] * 3 + [{}] and not plan.skipped
+    assert_matches_reference(model, TOLERANCE[torch.float64] if dtype == torch.float64 else 1e-30,  # bf16: 0
+                             ids=torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1)))
+
+
+def test_a_state_no_branch_computes_alone_is_refused():
+    """CarryLM's carry is made by its MoE's router called again outside the MoE, and read by the next layer's
+    attention: no branch computes it, so those layers stay as they are, and the plan says why."""
     from plain_models import CarryLM
 
     plan = revcompile.analyze(CarryLM())
     assert [s.layer for s in plan.skipped] == ["blocks.0", "blocks.1"]
-    assert all("reads a floating-point one" in s.reason for s in plan.skipped)
+    assert all("neither of its branches computes alone" in s.reason for s in plan.skipped)
 
 
 def test_rwkv_generates_with_the_recurrent_state_its_layers_return():

@@ -107,10 +107,11 @@ def test_an_output_the_model_reads_itself_ends_a_run():
     assert result.layer_error == 0  # (the block states' gradient is summed in another order: see zoo.py)
 
 
-@pytest.mark.parametrize("family", ["glm_moe_dsa", "hy_v4", "rwkv"])
+@pytest.mark.parametrize("family", ["glm_moe_dsa", "hy_v4", "zaya", "rwkv"])
 def test_layers_returning_state_convert_whole_stacks(family):
-    """GLM-MoE-DSA and HY-V4 hand sparse attention's top-k indices from layer to layer (only their last layer
-    converted before); RWKV's layers return their recurrent state, which generate() reads (it failed converted).
+    """GLM-MoE-DSA and HY-V4 hand sparse attention's top-k indices from layer to layer, Zaya its router states
+    (only their last layer converted before); RWKV's layers return their recurrent state, which generate() reads
+    (it failed converted).
     Every layer converts with the reference's gradients, computes the original model with max_run=1, and
     generates its tokens; in bfloat16, bit for bit."""
     result = run_family(family)

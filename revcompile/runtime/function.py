@@ -43,7 +43,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
-from .hf_outputs import ROUTER_LOGITS, other_outputs_into, private_collector, runs_whole
+from .hf_outputs import ROUTER_LOGITS, other_outputs_into, other_outputs_sink, private_collector, runs_whole
 from .replay import AutocastState, Replay, run_recorded, run_recorded_again, run_replayed
 from .slicing import Piece, branch_pieces
 from .streams import FloatStreams
@@ -94,6 +94,8 @@ class CouplingCall:
     observe: Callable[[FloatStreams, torch.Tensor], None] | None = None  # check(): sees the rebuilt input
     router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
+    # (position in the layer's output, step) of each floating-point value the layer hands on to the next layer
+    carried: list[tuple[int, int]] | None = None
     replays: list[list[tuple[Piece | None, Replay]]] | None = None  # per step: (piece, replay) per slice
     stored: list[torch.Tensor | None] | None = None  # per step: its input, kept where fixed-point inversion failed
 
@@ -129,14 +131,16 @@ class _GradSum:
 
 
 def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tensor], context: list, wrt: list,
-                g_out: torch.Tensor, router_grads: tuple = (), piece: Piece | None = None):
+                g_out: torch.Tensor, router_grads: tuple = (), piece: Piece | None = None,
+                carried_grads: list[tuple[int, torch.Tensor]] = ()):
     """Recompute one branch (on `piece` of its reads and context, if given) with grad on the streams it reads and
-    backpropagate `g_out` (and the router logits').
+    backpropagate `g_out` (and the router logits', and those of the values it hands on: (position, gradient)).
 
     Returns (branch output, gradients of reads, gradients of `wrt`); the branch's graph is gone on return.
     """
     reads = [read.detach().requires_grad_(True) for read in reads]
-    with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded:
+    with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded, \
+            other_outputs_into({}) as remade:
         if piece is not None:  # sliced here, with grad: a context tensor that requires grad gets its gradient
             context = piece.context(context)
         if _one_graph(call):
@@ -152,6 +156,8 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
             raise RevcompileError("the recompute recorded other router logits than the forward")
         outputs += recorded[ROUTER_LOGITS]
         grad_outputs += router_grads
+    outputs += [remade[position] for position, _ in carried_grads]
+    grad_outputs += [grad for _, grad in carried_grads]
     grads = torch.autograd.grad(outputs, [*reads, *wrt], grad_outputs, allow_unused=True)
     return out.detach(), list(grads[:len(reads)]), list(grads[len(reads):])
 
@@ -240,10 +246,16 @@ class ReversibleCoupling(torch.autograd.Function):
         context = call.context(tensors[:n_context])
         streams = arithmetic.open(x) if rt.is_first else arithmetic.unpack(x)
         call.replays, call.router_counts, call.stored, router_logits = [], [], [], []
-        for step in rt.scheme.steps:
+        sink, carried_by = other_outputs_sink(), {}
+        for k, step in enumerate(rt.scheme.steps):
             before = len(call.router_logits) if call.router_logits is not None else 0
             reads = [arithmetic.view(streams, s) for s in step.reads]
-            out, parts = _forward_branch(call, step, reads, context)
+            with other_outputs_into({}) as made:
+                out, parts = _forward_branch(call, step, reads, context)
+            if sink is not None:  # (detached: `_one_graph` runs the forward with grad)
+                sink.update((p, v.detach() if isinstance(v, torch.Tensor) else v) for p, v in made.items())
+                carried_by.update((p, k) for p, value in made.items()
+                                  if isinstance(value, torch.Tensor) and value.is_floating_point())
             new = arithmetic.apply(step, streams, out)
             call.stored.append(_check_inversion(call, step, streams, new, context, parts[0][1]) if step.implicit
                                else None)
@@ -265,15 +277,20 @@ class ReversibleCoupling(torch.autograd.Function):
             call.out_slot.tensor, call.out_slot.streams = packed.detach(), arithmetic
             output = packed
         # returning the recorded router logits makes these very tensors (held by Hugging Face's list) outputs of
-        # this Function: the load-balancing loss's gradient reaches backward through them
-        return (output, *router_logits) if router_logits else output
+        # this Function: the load-balancing loss's gradient reaches backward through them; so for floating-point
+        # values handed on to the next layer (whose backward, run first, gives them their gradient)
+        call.carried = sorted(carried_by.items())
+        more = [*router_logits, *(sink[p] for p, _ in call.carried)]
+        return (output, *more) if more else output
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor, *grad_router_logits: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, *grad_more: torch.Tensor):
         call: CouplingCall = ctx.call
         if call.replays is None:
             raise RevcompileError("backward ran twice through a reversible layer; retain_graph=True is not supported")
         rt, scheme, arithmetic = call.runtime, call.runtime.scheme, call.streams
+        n_router = sum(call.router_counts or ())
+        grad_router_logits, grad_carried = grad_more[:n_router], grad_more[n_router:]
         saved = ctx.saved_tensors
         # NOTE: the streams live in one packed buffer, undone in place and handed on to the previous layer, so
         # the peak (a branch recompute) sees one packed buffer of streams and the incoming gradient, nothing more.
@@ -307,7 +324,9 @@ class ReversibleCoupling(torch.autograd.Function):
             reads = [arithmetic.view(streams, s) for s in step.reads]
             grads = step.transpose(grads)  # (g_out is taken: the branch's own terms are added below)
             if len(parts) == 1:
-                out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, router_grads)
+                carried_grads = [(p, g) for (p, made_in), g in zip(call.carried, grad_carried) if made_in == k]
+                out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, router_grads,
+                                                  carried_grads=carried_grads)
                 if not step.implicit:
                     # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions
                     streams[step.target].copy_(arithmetic.undo(step, streams, out))

@@ -57,6 +57,11 @@ def private_collector(*keys: str):
 _OTHER_OUTPUTS: ContextVar[dict | None] = ContextVar("revcompile_other_outputs", default=None)
 
 
+def other_outputs_sink() -> dict | None:
+    """The sink of the converted layer call in progress, or None."""
+    return _OTHER_OUTPUTS.get()
+
+
 @contextmanager
 def other_outputs_into(sink: dict | None):
     """While the block runs, branches that make other outputs of their layer put them into `sink` (None: nowhere),

@@ -307,9 +307,10 @@ class LayerRuntime(StreamRuntime):
         self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
         self.outputs = outputs  # how many values the original layer returns (None: one tensor, not a tuple)
         # NOTE: the other outputs a converted layer returns. In training only those the next layer reads
-        # (`hands_on`, integer state: plan._hands_on): a floating-point one computed in the reversible forward would
-        # carry no gradient, so it stays None there. In eval every one a branch computes alone (plan.with_other_outputs:
-        # RWKV's recurrent state for generate(), attention weights), as the original layer returns them.
+        # (`hands_on`, plan._hands_on): a floating-point one that nothing reads, made in the reversible forward,
+        # would carry no gradient, so it stays None there. In eval every one a branch computes alone
+        # (plan.with_other_outputs: RWKV's recurrent state for generate(), attention weights), as the original
+        # layer returns them.
         self.hands_on = hands_on
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert
