@@ -61,6 +61,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", type=_config_field,
                         help="more config fields (values read as JSON, else as strings), e.g. index_topk=64")
     args = parser.parse_args()
+    from transformers import CONFIG_MAPPING
+
+    if args.model_type not in CONFIG_MAPPING:
+        parser.error(f"--model-type {args.model_type!r} is not a model_type of the installed transformers "
+                     f"(for example {MEMORY_CONFIG['model_type']}, glm_moe_dsa, qwen3_moe)")
     config = {**MEMORY_CONFIG, "model_type": args.model_type, **dict(args.set)}
 
     if args.from_json:
