@@ -27,6 +27,12 @@ the sequence or of the batch at a time (`slicing.py`): its working set is divide
 slice records its own routing and RNG state in forward and is recomputed alone. Not done while Hugging Face collects
 router logits (its load-balancing loss wants one tensor per layer).
 
+NOTE: values a layer hands on to the next beside its output (DSA's top-k indices, Zaya's router states; see
+plan._hands_on). The branch that makes one puts it into the layer call's sink (`hf_outputs.OtherOutputs`) in
+forward; an integer one goes to the next layer as it is, a floating-point one also leaves this Function as an
+output, so the next layer's backward (which runs first) hands its gradient back here, where the recompute of
+that branch takes it in. Such a branch runs in one piece.
+
 NOTE: streams. `call.streams` holds the run's arithmetic (`streams.py`): float steps, or exact integer streams
 whose packed buffer is an integer tensor seen as a float of the same width. Forward and backward only go through
 it, so both kinds share this code.

@@ -53,7 +53,8 @@ def private_collector(*keys: str):
 
 # A layer's other outputs (beside its hidden state: DSA's top-k indices, RWKV's recurrent state, attention weights)
 # are computed by the branch that makes them (plan.with_other_outputs), which returns them through this sink while a
-# converted layer's forward runs the scheme's steps; nowhere else (a recompute, a fixed-point iteration) do they go.
+# converted layer's forward runs the scheme's steps; a backward recompute puts them into a sink of its own (to take
+# their gradients in), a fixed-point iteration nowhere.
 _OTHER_OUTPUTS: ContextVar[dict | None] = ContextVar("revcompile_other_outputs", default=None)
 
 
