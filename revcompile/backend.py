@@ -395,8 +395,8 @@ def _find_layers(gm: fx.GraphModule) -> dict[str, list[_Layer]]:
             state = [n.name for n in layer.hands_out if any(u in in_layers and u not in inside for u in n.users)]
             if state:
                 layer.structure = NotReversible(f"it hands values to later layers beside its output ({', '.join(state)}"
-                                                "): state carried from layer to layer, which a reversible run cannot "
-                                                "rebuild")
+                                                "): state carried from layer to layer, which this backend does not "
+                                                "hand on (revcompile.make_reversible does)")
             layers.append(layer)
         result[stack] = layers
     return result
