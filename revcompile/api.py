@@ -199,7 +199,8 @@ def make_reversible(model: nn.Module, scheme: str | SchemeConfig | Scheme | None
                                              exact=exact_by_form[pair.form], exact_headroom=exact_headroom,
                                              form=pair.form, outputs=outputs,
                                              traced_training=pair.structure.trace.training,
-                                             other_outputs=other_outputs, hands_on=tuple(pair.hands_on))
+                                             other_outputs=other_outputs, hands_on=tuple(pair.hands_on),
+                                             child_nones=structure.trace.child_nones)
     for pair in plan.pairs:
         pair.module.__class__ = reversible_class(type(pair.module))
     if any(pair.module.__dict__.get("gradient_checkpointing") for pair in plan.pairs):

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 
 import torch
@@ -55,6 +56,10 @@ _FIXES: dict[str, dict] = {
     "gemma4": dict(text_config=dict(enable_moe_block=True, moe_intermediate_size=32)),
     "lfm2_moe": dict(layer_types=("conv", "full_attention")),  # no default: checkpoints list them
     "mamba2": dict(head_dim=32),  # heads * head_dim must be expand * hidden_size
+    # its own reversible layers, local and LSH attention in turn; chunks and positions for short sequences
+    "reformer": dict(is_decoder=True, attn_layers=("local", "lsh"), axial_pos_embds=False, local_attn_chunk_length=4,
+                     lsh_attn_chunk_length=4, num_buckets=2),
+    "xmod": dict(is_decoder=True, default_language="en_XX"),
     "zamba2": dict(layers_block_type=("linear_attention", "hybrid")),  # its default is 54 layers, whatever the count
 }
 # The common size fields of a tiny config.
@@ -95,7 +100,7 @@ def _shrunk_sizes(fields: dict) -> dict:
             small[name] = 32
         elif "vocab" in name:  # vocab_size, vocab_size_per_layer_input, a hashed byte-group vocabulary (BLT)
             small[name] = 128
-        elif "num" in name and "heads" in name and name != "num_key_value_heads":
+        elif ("num" in name or name.endswith("attention_heads")) and "heads" in name and name != "num_key_value_heads":
             small[name] = min(value, 2 if "key_value" in name else 4)  # (num_key_value_heads: one of _SIZES)
         elif name.endswith("_layers") and "window" not in name and value > 2:  # encoder_layers, decoder_layers
             small[name] = 2
@@ -108,6 +113,21 @@ def _shrunk_sizes(fields: dict) -> dict:
     if "qk_rope_head_dim" in small and fields.get("head_dim") == fields["qk_rope_head_dim"]:
         small["head_dim"] = small["qk_rope_head_dim"]  # latent attention whose rotary embedding takes head_dim
     return small
+
+
+def _settable(config_class: type[PretrainedConfig], fields: dict) -> dict:
+    """`fields` less those `config_class` refuses: a property whose setter raises NotImplementedError, as ProphetNet's
+    num_hidden_layers (its stacks count their own layers) and XLNet's max_position_embeddings (it has none)."""
+    default, kept = None, {}
+    for name, value in fields.items():
+        if isinstance(inspect.getattr_static(config_class, name, None), property):
+            default = default or config_class()
+            try:
+                setattr(default, name, value)
+            except NotImplementedError:
+                continue
+        kept[name] = value
+    return kept
 
 
 def _fixes(model_type: str, layers: int) -> dict:
@@ -185,7 +205,7 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     # NOTE: by their own names: a config sets aliased fields (hidden_size for DBRX's d_model) only after its
     # __post_init__, which would copy the full-size value into a sub-config (DBRX's ffn_config.hidden_size)
     aliases = CONFIG_MAPPING[model_type].attribute_map
-    base = {aliases.get(k, k): v for k, v in base.items()}
+    base = _settable(CONFIG_MAPPING[model_type], {aliases.get(k, k): v for k, v in base.items()})
     config = AutoConfig.for_model(model_type, **base)
     # NOTE: built first from the top-level fields alone: some composite configs hand them to a sub-config (Fuyu's
     # text_config), which is then tiny already

@@ -182,11 +182,13 @@ def _cut(trace: LayerTrace) -> tuple[str, list[Residual], str]:
 
 
 def layer_branches(layer: nn.Module, args: tuple, kwargs: dict, form: str | None = None,
-                   like: list[fx.Graph] | None = None) -> tuple[LayerTrace, str, list[Residual], list[fx.Graph], str]:
+                   like: list[fx.Graph] | None = None, child_nones: dict | None = None
+                   ) -> tuple[LayerTrace, str, list[Residual], list[fx.Graph], str]:
     """Trace one layer for a call and cut it into branches: (trace, form, residuals, branch graphs, why the layer
     is not a pair). `form`, `like`: the form and branch graphs found for another call of the layer, to cut this
-    one alike (two parallel branches are ordered by the modules they call)."""
-    trace = trace_layer(layer, args, kwargs)
+    one alike (two parallel branches are ordered by the modules they call); `child_nones`: its children's None
+    outputs to trace with (`trace_layer`)."""
+    trace = trace_layer(layer, args, kwargs, child_nones)
     found, chain, why = _cut(trace)
     if form is not None and form != WHOLE and found != form:
         raise NotReversible(f"this call of the layer is {found}, another was {form}")
@@ -241,7 +243,20 @@ def _whole(layer: nn.Module, call: LayerCall, trace: LayerTrace, why: str, graph
 
 
 def _analyze_layer(layer: nn.Module, call: LayerCall) -> LayerStructure:
-    trace, form, chain, graphs, why = layer_branches(layer, call.args, call.kwargs)
+    """The layer's structure, traced with its children's outputs as proxies, or else (where that graph fails on the
+    call's values) with their None outputs baked in (`trace_layer`'s NOTE)."""
+    try:
+        return _analyze_trace(layer, call, None)
+    except RevcompileError:
+        raise
+    except Exception:
+        if not any(call.child_nones.values()):
+            raise
+        return _analyze_trace(layer, call, call.child_nones)
+
+
+def _analyze_trace(layer: nn.Module, call: LayerCall, child_nones: dict | None) -> LayerStructure:
+    trace, form, chain, graphs, why = layer_branches(layer, call.args, call.kwargs, child_nones=child_nones)
     if form == WHOLE:
         return _whole(layer, call, trace, why, graphs[0])
     found = classify_branches(layer, trace, chain, [fx.GraphModule(layer, g) for g in graphs], call)
@@ -340,8 +355,7 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                     first_line = (str(err).strip().splitlines() or [""])[0][:160]
                     structures[key] = NotReversible(
                         f"its traced graph fails on the probe's values ({type(err).__name__}: {first_line}): the "
-                        "layer is traced once, so a forward that branches on values (`if out is not None`) does not "
-                        "convert")
+                        "layer is traced once, so a forward that branches on tensor values does not convert")
             found, hands_on = structures[key], {}
             if not isinstance(found, NotReversible):
                 try:

@@ -331,3 +331,31 @@ class RouterStateLM(PlainLM):
         for block in self.blocks:
             x, state = block(x, state)
         return self.head(self.norm(x))
+
+
+class MaybeBiasedAttention(SelfAttention):
+    """Returns (output, its output bias), the bias None when `biased` is off (GPT-NeoX-Japanese's attention)."""
+
+    def __init__(self, width: int, biased: bool = False):
+        super().__init__(width)
+        self.bias_out = nn.Parameter(torch.randn(width) * 0.1)
+        self.biased = biased
+
+    def forward(self, x):
+        return super().forward(x), self.bias_out if self.biased else None
+
+
+class MaybeBiasedBlock(PreNormBlock):
+    """Tests its attention's second output against None, as GPT-NeoX-Japanese's layer does: a trace with that output a
+    proxy takes the "not None" way and adds None."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.mix = MaybeBiasedAttention(width)
+
+    def forward(self, x):
+        a, bias = self.mix(self.norm_a(x))
+        if bias is not None:
+            a = a + bias
+        x = x + a
+        return x + self.ff(self.norm_b(x))

@@ -38,11 +38,21 @@ PROBE_TOKENS = 8
 
 @dataclass
 class LayerCall:
-    """One recorded call of a layer."""
+    """One recorded call of a layer; `child_nones`: per direct child that returned a tuple holding None in this
+    call, (the tuple's length, where it held None), as the tracer may bake them in (`tracer.trace_layer`); None for
+    a child whose calls disagreed."""
 
     args: tuple
     kwargs: dict
     output: Any
+    child_nones: dict[str, tuple[int, frozenset[int]] | None] = field(default_factory=dict)
+
+
+def _nones_of(output: Any) -> tuple[int, frozenset[int]] | None:
+    """(length, positions of None) of a tuple output that holds None, else None."""
+    if type(output) is not tuple or not any(value is None for value in output):
+        return None
+    return len(output), frozenset(i for i, value in enumerate(output) if value is None)
 
 
 @dataclass
@@ -161,24 +171,40 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
     """Run `model(*args, **kwargs)` once (eval mode, no grad) and return the layer stacks it used, in order."""
     calls: dict[nn.Module, list[LayerCall]] = {}
     outer_calls: list[tuple[nn.Module, LayerCall]] = []  # the calls made while no list's child was running
+    running: set[nn.Module] = set()
     handles = []
     reads = _ReadsOutsideLayers()
 
     def record_input(module, args, kwargs):
         calls.setdefault(module, []).append(LayerCall(args, kwargs, None))
+        running.add(module)
         if reads.depth == 0:
             outer_calls.append((module, calls[module][-1]))
         reads.depth += 1
 
     def record_output(module, args, kwargs, output):
         calls[module][-1].output = output
+        running.discard(module)
         reads.depth -= 1
+
+    def record_child(layer: nn.Module, name: str):
+        def record(module, args, output):
+            if layer not in running:  # (a module shared with code outside the layer)
+                return
+            call = calls[layer][-1]
+            # (a child called twice in the call, with other Nones, is recorded as returning no None: not baked in)
+            nones = _nones_of(output)
+            if call.child_nones.setdefault(name, nones) != nones:
+                call.child_nones[name] = None
+        return record
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     for _, modules in lists:
         for child in modules:
             handles.append(child.register_forward_pre_hook(record_input, with_kwargs=True))
             handles.append(child.register_forward_hook(record_output, with_kwargs=True))
+            handles += [grandchild.register_forward_hook(record_child(child, name))
+                        for name, grandchild in child.named_children()]
     try:
         with torch.no_grad(), eval_mode(model), reads:
             model(*example[0], **example[1])

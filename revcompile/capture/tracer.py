@@ -57,6 +57,8 @@ class LayerTrace:
     hidden_name: str
     signature: tuple
     training: bool = False
+    # the children's None outputs baked into the graph (`trace_layer`), for traces of the layer's other calls
+    child_nones: dict[str, tuple[int, frozenset[int]]] | None = None
 
     @property
     def context_names(self) -> tuple[str, ...]:
@@ -107,17 +109,41 @@ def unwrapped_forward(layer: nn.Module) -> Callable:
     return inspect.unwrap(type(layer).forward)
 
 
-class _LayerTracer(fx.Tracer):
-    """Traces `forward(layer, hidden, **context)` with the layer's children as leaves."""
+def nones_as_traced(output: Any, length: int, nones: tuple[int, ...], child: str) -> Any:
+    """`output` of the layer's child `child`, checked to hold None where the traced call's did (a graph node that the
+    values read from the child's output depend on, so every branch that reads them runs the check)."""
+    if type(output) is not tuple or len(output) != length or any(output[i] is not None for i in nones):
+        raise RevcompileError(
+            f"the layer's child {child!r} returned {type(output).__name__} where the call the layer was traced with "
+            f"returned a tuple of {length} with None at {list(nones)}: the converted layer's code holds the "
+            "branches its own `is None` tests took then; convert the model with example_inputs shaped like this call "
+            "(revcompile.make_reversible(model, example_inputs=...)), or leave this layer out")
+    return output
 
-    def __init__(self, forward: Callable, hidden_name: str, context: dict[str, Any]):
+
+class _LayerTracer(fx.Tracer):
+    """Traces `forward(layer, hidden, **context)` with the layer's children as leaves; the children named in
+    `child_nones` return a tuple with None where they did in the probe's call (`trace_layer`)."""
+
+    def __init__(self, forward: Callable, hidden_name: str, context: dict[str, Any],
+                 child_nones: dict[str, tuple[int, frozenset[int]]]):
         super().__init__()
         self._forward = forward
         self._constants = {k: v for k, v in context.items() if isinstance(v, _CONSTANT_TYPES)}
         self._names = (hidden_name, *(k for k in context if k not in self._constants))
+        self._child_nones = child_nones
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return True  # only the root layer is traced through; its children are opaque calls
+
+    def call_module(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        output = super().call_module(module, forward, args, kwargs)
+        name = self.path_of_module(module)
+        if name not in self._child_nones:
+            return output
+        length, nones = self._child_nones[name]
+        checked = self.create_proxy("call_function", nones_as_traced, (output, length, tuple(sorted(nones)), name), {})
+        return tuple(None if i in nones else checked[i] for i in range(length))
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         proxies = [self.create_proxy("placeholder", name, (), {}) for name in self._names]
@@ -129,15 +155,24 @@ class _LayerTracer(fx.Tracer):
         return traced, []
 
 
-def trace_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerTrace:
+def trace_layer(layer: nn.Module, args: tuple, kwargs: dict,
+                child_nones: dict[str, tuple[int, frozenset[int]] | None] | None = None) -> LayerTrace:
     """Trace one layer for a call shaped like `layer(*args, **kwargs)` (the values are not used, only names).
+
+    NOTE: children's None outputs. A child's output is a proxy while tracing, so the layer's own test of a part of
+    it (`if attn_bias is not None`: GPT-NeoX-Japanese's attention returns None there without a bias; XLNet's
+    returns its query stream None without target mappings) always takes the "not None" way, and the graph then
+    calls something on None. With `child_nones` (a probe call's record, `LayerCall.child_nones`), those children
+    return real tuples with None where they did; a graph node checks each call's output against that, so a call
+    where a child returns a value there raises instead of computing the probe's layer silently.
 
     Raises RevcompileError with the reason when the layer's own code cannot be traced (for example, Python control
     flow on a tensor value).
     """
     forward = unwrapped_forward(layer)
     hidden_name, _, context = bind_call(forward, layer, args, kwargs)
-    tracer = _LayerTracer(forward, hidden_name, context)
+    child_nones = {name: nones for name, nones in (child_nones or {}).items() if nones is not None} or None
+    tracer = _LayerTracer(forward, hidden_name, context, child_nones or {})
     try:
         with _recording_grad_mode(tracer):
             graph = tracer.trace(layer)
@@ -146,7 +181,7 @@ def trace_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerTrace:
         raise RevcompileError(f"{type(layer).__name__}.forward cannot be traced with torch.fx "
                               f"({type(err).__name__}: {first_line})") from err
     detach_where_grad_is_off(graph)
-    return LayerTrace(graph, hidden_name, call_signature(context), layer.training)
+    return LayerTrace(graph, hidden_name, call_signature(context), layer.training, child_nones)
 
 
 @contextmanager

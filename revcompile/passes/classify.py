@@ -131,6 +131,7 @@ def classify_whole(layer: nn.Module, trace: LayerTrace, branch: fx.GraphModule, 
     _, hidden, context = bind_call(unwrapped_forward(layer), layer, call.args, call.kwargs)
     with torch.no_grad(), eval_mode(layer):
         context_values = [context[name] for name in trace.context_names]
+        branch(hidden, *context_values)  # a graph that fails on the call's values raises here, not in training
         batch = BatchContext.of(context_values, hidden.shape[0] if hidden.dim() else 0)
         return Classified(["layer"], [False], [splits_by_sequence(branch, hidden, context_values, batch)], batch)
 

@@ -301,7 +301,8 @@ class LayerRuntime(StreamRuntime):
                  batch_context: BatchContext | None = None, compiler: BranchCompiler | None = None,
                  exact: bool | None = False, exact_headroom: int | None = None, form: str = SEQUENTIAL,
                  outputs: int | None = None, traced_training: bool = False,
-                 other_outputs: dict[int, int] | None = None, hands_on: tuple[int, ...] = ()):
+                 other_outputs: dict[int, int] | None = None, hands_on: tuple[int, ...] = (),
+                 child_nones: dict | None = None):
         super().__init__(scheme, is_first, is_last, splits, batch_context, exact, exact_headroom,
                          compiled_branches=compiler is not None)
         self.form = form  # the layer form (passes/residuals.py): which roles branch_graphs are
@@ -312,6 +313,7 @@ class LayerRuntime(StreamRuntime):
         # (plan.with_other_outputs: RWKV's recurrent state for generate(), attention weights), as the original
         # layer returns them.
         self.hands_on = hands_on
+        self.child_nones = child_nones  # the children's None outputs its trace holds (tracer.trace_layer's NOTE)
         self.compiler = compiler  # compile=True: the pair's branches run as shared compiled graphs (compiled.py)
         self.invert = invert
         self.original_class = original_class
@@ -359,7 +361,8 @@ class LayerRuntime(StreamRuntime):
             layer.__class__ = self.original_class
             try:
                 trace, _, chain, graphs, _ = layer_branches(layer, args, kwargs, self.form,
-                                                            like=[r.graph for r in self._roles.values()])
+                                                            like=[r.graph for r in self._roles.values()],
+                                                            child_nones=self.child_nones)
                 graphs, other_outputs = with_other_outputs(trace, self.form, chain, graphs,
                                                            self.hands_on if layer.training else None)
             finally:

@@ -58,15 +58,13 @@ def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> A
 
 
 def _selected(func, args: tuple, kwargs: dict, result: Any) -> torch.Tensor | None:
-    """The indices `result` of `func(*args, **kwargs)` selected among floating-point values, or None for a call
+    """The indices `result` of `func(*args, **kwargs)` (one of `_SELECTIONS`) selected among floating-point values, or
     that is no such selection (`max` of a whole tensor or of two tensors, a sort of integer expert ids).
 
     NOTE: a selection among integers (the expert ids Hugging Face's grouped kernels sort) is decided by the
     selections before it; recording it would keep a tokens x k index per layer for nothing.
     """
-    selection = _SELECTIONS.get(func)
-    if selection is None:  # (every op of a branch passes here: the common case first)
-        return None
+    selection = _SELECTIONS[func]
     tensor = _arg(args, kwargs, 0, "input", None)
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         return None
@@ -112,10 +110,13 @@ class RoutingRecorder(TorchFunctionMode):
         self.choices: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        indices = _selected(func, args, kwargs or {}, result)
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func not in _SELECTIONS:  # (every op of a branch passes here: no further Python call for the common case)
+            return result
+        indices = _selected(func, args, kwargs, result)
         if indices is not None:
-            self.choices.append(_compact(indices.detach(), _selection_size(func, args, kwargs or {})))
+            self.choices.append(_compact(indices.detach(), _selection_size(func, args, kwargs)))
         return result
 
 
