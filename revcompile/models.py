@@ -40,7 +40,9 @@ _DOTS3_TEXT = dict(num_key_value_heads=4, swa_num_attention_heads=4, swa_num_key
                    swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16)
 # Per-family fields beyond the rules by name (the zoo's families): what a default config lacks to build tiny and run
 # (released checkpoints set these), keyed by model_type, a sub-config's too. A tuple is a per-layer pattern,
-# repeated over the layers asked for.
+# repeated over the layers asked for; _LAYER_COUNT is the number of layers asked for, in a family that counts its
+# layers in a field of its own (num_hidden_layers is then left to the config to derive).
+_LAYER_COUNT = object()
 _FIXES: dict[str, dict] = {
     "axk2": dict(topk_group=None),  # ungrouped routing (n_group=None) takes no topk_group
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
@@ -55,6 +57,8 @@ _FIXES: dict[str, dict] = {
     # the MoE variant (26B-A4B): the dense default is the text family's (gemma4_text)
     "gemma4": dict(text_config=dict(enable_moe_block=True, moe_intermediate_size=32)),
     "lfm2_moe": dict(layer_types=("conv", "full_attention")),  # no default: checkpoints list them
+    # each of its layers holds two attention sublayers, and its num_hidden_layers counts those (twice num_layers)
+    "longcat_flash": dict(num_layers=_LAYER_COUNT),
     "mamba2": dict(head_dim=32),  # heads * head_dim must be expand * hidden_size
     # its own reversible layers, local and LSH attention in turn; chunks and positions for short sequences
     "reformer": dict(is_decoder=True, attn_layers=("local", "lsh"), axial_pos_embds=False, local_attn_chunk_length=4,
@@ -137,8 +141,8 @@ def _fixes(model_type: str, layers: int) -> dict:
         >>> _fixes("lfm2_moe", 3)["layer_types"]
         ['conv', 'full_attention', 'conv']
     """
-    return {name: [value[i % len(value)] for i in range(layers)] if isinstance(value, tuple) else value
-            for name, value in _FIXES.get(model_type, {}).items()}
+    return {name: [value[i % len(value)] for i in range(layers)] if isinstance(value, tuple) else
+            layers if value is _LAYER_COUNT else value for name, value in _FIXES.get(model_type, {}).items()}
 
 
 def _tiny_sub_configs(config: PretrainedConfig, sizes: dict) -> dict:
@@ -196,6 +200,8 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     layers = overrides.get("num_hidden_layers", base["num_hidden_layers"])
     base.update(_fixes(model_type, layers))
     base.update(overrides)
+    if _LAYER_COUNT in _FIXES.get(model_type, {}).values():
+        del base["num_hidden_layers"]
     if model_type == "gpt_neo":  # its layer pattern, [[types, repeats]], must cover exactly the layers asked for
         base.setdefault("attention_types", [[["global"], base["num_hidden_layers"]]])
     if "head_dim" in base and base["head_dim"] is None:

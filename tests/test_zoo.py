@@ -57,9 +57,10 @@ def test_parallel_layers_with_each_scheme(scheme):
 
 
 # MoE families whose size lies in sub-configs: Qwen3.5-MoE's and Llama 4's text_config beside a vision_config,
-# DBRX's attn_config and ffn_config (whose defaults also lack fields, `models._FIXES`); LFM2-MoE's layer pattern
-@pytest.mark.parametrize("family", ["qwen3_5_moe", "llama4", "dbrx", "lfm2_moe"])
-def test_moe_families_with_sub_configs_build_tiny_and_convert(family):
+# DBRX's attn_config and ffn_config (whose defaults also lack fields, `models._FIXES`); LFM2-MoE's layer pattern;
+# LongCat-Flash, which counts its layers in num_layers (it was built with 1 layer of the 3 asked for)
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "llama4", "dbrx", "lfm2_moe", "longcat_flash"])
+def test_moe_families_with_config_quirks_build_tiny_and_convert(family):
     model = build(family)
     assert sum(p.numel() for p in model.parameters()) < MAX_PARAMETERS / 10
     assert any(type(m).__name__.endswith("Experts") for m in model.modules())  # still a mixture of experts

@@ -102,6 +102,7 @@ class CouplingCall:
     router_counts: list[int] | None = None  # how many router logits each step's branch added to it
     # (position in the layer's output, step) of each floating-point value the layer hands on to the next layer
     carried: list[tuple[int, int]] | None = None
+    hands_hidden_state: bool = False  # also return the hidden state the output streams merge into (hf_outputs.py)
     replays: list[list[tuple[Piece | None, Replay]]] | None = None  # per step: (piece, replay) per slice
     stored: list[torch.Tensor | None] | None = None  # per step: its input, kept where fixed-point inversion failed
 
@@ -287,6 +288,8 @@ class ReversibleCoupling(torch.autograd.Function):
         # values handed on to the next layer (whose backward, run first, gives them their gradient)
         call.carried = sorted(carried_by.items())
         more = [*router_logits, *(sink[p] for p, _ in call.carried)]
+        if call.hands_hidden_state:
+            more.append(arithmetic.merge(streams))
         return (output, *more) if more else output
 
     @staticmethod
@@ -296,7 +299,7 @@ class ReversibleCoupling(torch.autograd.Function):
             raise RevcompileError("backward ran twice through a reversible layer; retain_graph=True is not supported")
         rt, scheme, arithmetic = call.runtime, call.runtime.scheme, call.streams
         n_router = sum(call.router_counts or ())
-        grad_router_logits, grad_carried = grad_more[:n_router], grad_more[n_router:]
+        grad_router_logits, grad_carried = grad_more[:n_router], grad_more[n_router:n_router + len(call.carried)]
         saved = ctx.saved_tensors
         # NOTE: the streams live in one packed buffer, undone in place and handed on to the previous layer, so
         # the peak (a branch recompute) sees one packed buffer of streams and the incoming gradient, nothing more.
@@ -310,6 +313,9 @@ class ReversibleCoupling(torch.autograd.Function):
             if not call.out_slot.owned:
                 packed = packed.clone()  # the forward's own output: others (hooks, hidden states) may hold it
             grads = arithmetic.unpack_grad(grad_out)
+            if call.hands_hidden_state:  # the gradient of the hidden state the streams merge into, last of grad_more
+                merged = scheme.merge_grad(grad_more[-1])
+                grads = {stream: g + merged[stream] for stream, g in grads.items()}
         streams, grads = scheme.unpermute(arithmetic.unpack(packed)), scheme.unpermute(grads)
         context_inputs = [t.detach().requires_grad_(t.requires_grad) for t in context_tensors]
         context = call.context(tuple(context_inputs))

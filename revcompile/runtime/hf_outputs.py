@@ -8,8 +8,9 @@ transformers v5 collects such outputs with forward hooks into a collector that i
   extra outputs, which gives those very tensors a gradient path into its backward; there the recompute records
   the router logits again into a private collector (so the user's lists are never appended twice) and the
   load-balancing loss's gradient flows through them;
-- hidden states recorded between converted layers would be packed streams, not hidden states: that is a clear
-  error instead.
+- hidden states recorded between converted layers would be packed streams, not hidden states: the next converted
+  layer puts in their place the hidden state they merge into, which the layer that made them also returns (from its
+  reversible Function in training, so that a loss on it reaches backward: `layer._record_hidden_state`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from contextvars import ContextVar
 
 from torch import nn
 
-ROUTER_LOGITS = "router_logits"
+ROUTER_LOGITS, HIDDEN_STATES = "router_logits", "hidden_states"
 _CAPTURING = "transformers.utils.output_capturing"  # a private module of transformers v5
 # a collector of our own while transformers is not imported: the torch.compile backend collects the router logits
 # its layers hand out (`backend.HandsOut`) in plain PyTorch models too

@@ -34,7 +34,7 @@ from ..passes.rewrite import coupling_module
 from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, step_pieces
-from .hf_outputs import (ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole, other_outputs_into,
+from .hf_outputs import (HIDDEN_STATES, ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole, other_outputs_into,
                          private_collector, runs_whole)
 from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
 from .replay import AutocastState
@@ -108,7 +108,9 @@ def _tag_of(hidden: torch.Tensor, name: str) -> Any:
     return tag
 
 
-SLOT, EXACT_REFERENCE = "_revcompile_slot", "_revcompile_exact"
+# attributes of a converted layer's packed output: its Slot, the exact reference's integer state, and the hidden
+# state the streams merge into (made while Hugging Face collects hidden states: `LayerRuntime._run`)
+SLOT, EXACT_REFERENCE, HIDDEN_STATE = "_revcompile_slot", "_revcompile_exact", "_revcompile_hidden_state"
 
 
 def splits_by_branch(scheme: Scheme, form: str, by_token: list[bool], by_sequence: list[bool],
@@ -202,21 +204,27 @@ class StreamRuntime:
         return self._float
 
     def run_coupled(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list,
-                    collecting_router_logits: bool = False) -> torch.Tensor:
+                    collecting_router_logits: bool = False, collecting_hidden_states: bool = False) -> torch.Tensor:
         """The coupled computation under ordinary autograd: the scheme's steps, each branch run in the slices the
         reversible Function runs it in (the same random numbers and kernels), on float streams, or on integer streams
-        with straight-through gradients; gradients summed as the reversible backward sums them (reference.py)."""
+        with straight-through gradients; gradients summed as the reversible backward sums them (reference.py).
+        `collecting_hidden_states`: a packed output carries the hidden state it merges into (`HIDDEN_STATE`)."""
         tag = None if self.is_first else _tag_of(hidden, EXACT_REFERENCE)
         arithmetic = self.streams(hidden, tag[0] if tag else None)
         if arithmetic.exact:
             return self._run_exact_coupled(arithmetic, tag[1] if tag else None, branches, hidden, values,
-                                           collecting_router_logits)
+                                           collecting_router_logits, collecting_hidden_states)
         streams = open_streams(self.scheme, hidden) if self.is_first else arithmetic.unpack(hidden)
         for step in self.scheme.steps:
             out = self._run_branch(branches, step, [streams[s] for s in step.reads], values, collecting_router_logits)
             streams = linear_step(step, streams, out)
         streams = self.scheme.permute(streams)
-        return arithmetic.merge(streams) if self.is_last else arithmetic.pack(streams)
+        if self.is_last:
+            return arithmetic.merge(streams)
+        packed = arithmetic.pack(streams)
+        if collecting_hidden_states:
+            setattr(packed, HIDDEN_STATE, arithmetic.merge(streams))
+        return packed
 
     def _run_branch(self, branches: dict[str, nn.Module], step, reads: list[torch.Tensor], values: list,
                     collecting_router_logits: bool) -> torch.Tensor:
@@ -230,7 +238,8 @@ class StreamRuntime:
                                    for piece in pieces])
 
     def _run_exact_coupled(self, arithmetic: ExactStreams, state: dict | None, branches: dict[str, nn.Module],
-                           hidden: torch.Tensor, values: list, collecting_router_logits: bool) -> torch.Tensor:
+                           hidden: torch.Tensor, values: list, collecting_router_logits: bool,
+                           collecting_hidden_states: bool) -> torch.Tensor:
         """Exact streams under ordinary autograd: the reversible Function's integer arithmetic, step for step and
         slice for slice, while a float copy of each stream (`carriers`, equal in value to the integers seen in the
         model's dtype) carries the gradient of the float steps through every rounding (straight through).
@@ -253,10 +262,15 @@ class StreamRuntime:
         state, carriers = scheme.permute(state), scheme.permute(carriers)
         if self.is_last:
             arithmetic.fmt.raise_if_overflowed()
+        if self.is_last or collecting_hidden_states:
             merged = arithmetic.merge(state)
-            return straight_through(merged, scheme.merge_streams(carriers)) if recording else merged
+            merged = straight_through(merged, scheme.merge_streams(carriers)) if recording else merged
+            if self.is_last:
+                return merged
         packed = torch.stack([carriers[s] for s in scheme.streams])
         setattr(packed, EXACT_REFERENCE, (arithmetic, state))
+        if collecting_hidden_states:
+            setattr(packed, HIDDEN_STATE, merged)
         return packed
 
     def run_reversible(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list, params: list,
@@ -269,12 +283,15 @@ class StreamRuntime:
         in_slot = None if self.is_first else _tag_of(hidden, SLOT)
         template = [TENSOR_LEAF if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         arithmetic = self.streams(hidden, in_slot.streams if in_slot is not None else None)
+        collecting = collector if collector is not None else {}
         call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
                             training, AutocastState.capture(hidden.device), arithmetic,
-                            router_logits=collector.get(ROUTER_LOGITS) if collector is not None else None,
-                            observe=observe)
+                            router_logits=collecting.get(ROUTER_LOGITS), observe=observe,
+                            hands_hidden_state=not self.is_last and HIDDEN_STATES in collecting)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
-        if isinstance(out, tuple):  # (output, router logits given a gradient path): see hf_outputs.py
+        if isinstance(out, tuple):  # (output, router logits given a gradient path, ...): see hf_outputs.py
+            if call.hands_hidden_state:
+                setattr(out[0], HIDDEN_STATE, out[-1])
             out = out[0]
         if in_slot is not None:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
@@ -425,10 +442,9 @@ class LayerRuntime(StreamRuntime):
         values = [context[name] for name in dynamic_names(signature)]
         params = [p for p in layer.parameters() if p.requires_grad]
         collector = active_collector()
-        if collector is not None and "hidden_states" in collector and not self.is_last:
-            raise RevcompileError("output_hidden_states=True is not available on a converted model: converted layers "
-                                  "pass packed reversible streams to each other, not hidden states; call "
-                                  "revcompile.undo(model) to inspect hidden states")
+        collecting_hidden_states = collector is not None and HIDDEN_STATES in collector
+        if collecting_hidden_states and not self.is_first:
+            _record_hidden_state(collector[HIDDEN_STATES], hidden)
         if layer.training and torch.is_grad_enabled() and any(_is_cache(v) for v in values):
             # as under Hugging Face activation checkpointing, a cache is not used in training (the backward
             # recompute would update it a second time); the one created for use_cache=True is empty: no notice
@@ -444,11 +460,20 @@ class LayerRuntime(StreamRuntime):
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
             return self.run_coupled(branches, hidden, values,
-                                    collector is not None and ROUTER_LOGITS in collector)
+                                    collector is not None and ROUTER_LOGITS in collector, collecting_hidden_states)
 
         refuse_sharded_inside(layer)
         return self.run_reversible(branches, hidden, values, params, layer.training, collector,
                                    reconstruction_observer(layer, hidden))
+
+def _record_hidden_state(collected: list, packed: torch.Tensor) -> None:
+    """Hugging Face's output hook recorded the previous converted layer's output, packed streams, as its hidden
+    state (`output_hidden_states=True`): put in its place the hidden state those streams merge into, which that
+    layer made for it (the layer's output a run ending there would return; in training, an output of its
+    reversible Function, so a loss on it reaches backward). An entry the call did not select (None) stays."""
+    if collected and collected[-1] is not None and (collected[-1] is packed or collected[-1] is packed._base):
+        collected[-1] = _tag_of(packed, HIDDEN_STATE)  # (FSDP2 hands a layer a view of the output: `_tag_of`)
+
 
 class ReversibleLayer:
     """Mixin placed before a converted layer's own class: its forward runs the layer's LayerRuntime.
