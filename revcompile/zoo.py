@@ -48,9 +48,9 @@ from .runtime.layer import disable_inversion
 # seeds and schemes. A layer computing only in float64 rebuilds its input to float64 rounding: at most ~1e-15
 # measured, bound 1e-8. Most layers compute something in float32 even in a float64 model (RMSNorm casts to
 # float32, routers and softmaxes often do): the recompute on a rebuilt input rounds those float32 values
-# differently. Worst measured: 3.8e-6 (beam, a float32 DeepSeek-style router, leapfrog over whole layers); bound
-# 1e-4, the project's float32 tolerance (tests/conftest.py). A wrong inverse (an undo off by 1e-3,
-# tests/test_zoo.py) lands far above both.
+# differently. Worst measured: 4.9e-6 (cpmant, seed 1) and 3.8e-6 (beam, a float32 DeepSeek-style router, leapfrog
+# over whole layers); bound 1e-4, the project's float32 tolerance (tests/conftest.py). A wrong inverse (an undo off
+# by 1e-3, tests/test_zoo.py) lands far above both.
 # In bfloat16 (weights, or autocast) the streams are exact integers: backward rebuilds every input bit for bit and
 # recomputes each branch on it with the forward's routing and RNG, so every converted layer's gradients equal the
 # reference's bit for bit; any difference is a defect (the zoo measured 0 in every family, seed 0 on 2 threads and
