@@ -85,6 +85,41 @@ def test_chunked_head_equals_hf_loss_and_gradients(name, dtype):
         assert chunked._revcompile_plan.head == "chunked (softcap 0.1)"
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_resized_embeddings_train_through_the_chunked_head(tied):
+    """`resize_token_embeddings` after conversion (new special tokens) replaces an untied lm_head by a new Linear,
+    which returned full logits the loss never saw (a RuntimeError); the chunked head now follows the new one. Loss
+    and gradients equal head="original"'s, a new token among the labels, within the fp64 tolerance."""
+    models = [converted("mixtral", torch.float64, head, tie_word_embeddings=tied) for head in ("chunked", "original")]
+    for model in models:
+        torch.manual_seed(5)
+        model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    ids, mask, labels = padded_batch(models[0])
+    labels[0, 2] = ids[1, 4] = models[0].config.vocab_size - 1
+    (out, grads), (ref, ref_grads) = [step(m, input_ids=ids, attention_mask=mask, labels=labels) for m in models]
+    assert models[0].lm_head.weight.shape[0] == models[0].config.vocab_size
+    assert rel_err(out.loss.detach(), ref.loss.detach()) < TOL[torch.float64]
+    assert max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) < TOL[torch.float64]
+
+
+def test_an_adapter_on_the_lm_head_after_conversion_is_refused():
+    """PEFT's LoRA on lm_head, added after conversion, wraps the chunked Linear: the chunked loss used the base
+    weight alone, and the adapter trained on nothing, silently (loss 4.93 against 5.10). Now a clear error; converted
+    after get_peft_model, the model keeps its own head (the head is not a Linear then)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(revcompile.make_reversible(make_model("mixtral", layers=2)),
+                           LoraConfig(target_modules=["lm_head", "q_proj"], r=4))
+    ids = token_batch(model)
+    with pytest.raises(revcompile.RevcompileError, match="head='original'"):
+        model(ids, labels=ids)
+    model = revcompile.make_reversible(get_peft_model(make_model("mixtral", layers=2),
+                                                      LoraConfig(target_modules=["lm_head", "q_proj"], r=4)))
+    assert revcompile.analyze(model).head.startswith("original")
+    model(ids, labels=ids).loss.backward()
+    assert model.base_model.model.lm_head.lora_A["default"].weight.grad is not None
+
+
 def test_softcap_and_shift_matter():
     """The comparison above can fail: the loss without the softcap, or with unshifted labels, is off by far more
     than its tolerance (near-uniform random-init logits keep any loss near log(vocab), hence 1e-4)."""

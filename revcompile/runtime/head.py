@@ -249,6 +249,24 @@ class HeadRuntime:
         self.head, self.softcap, self.chunk_tokens, self.kernel = head, softcap, chunk_tokens, kernel
         self.recorded: list[torch.Tensor] | None = None  # a list while a call with labels runs
 
+    def follow(self, head: nn.Module) -> None:
+        """Chunk `head`, the model's output embeddings now, instead of the one converted: `resize_token_embeddings`
+        replaces an untied lm_head by a new Linear, which would return full logits that the loss never sees.
+
+        Raises RevcompileError for a head that is not a Linear."""
+        if not isinstance(head, nn.Linear):
+            kind = f"{type(head).__module__}.{type(head).__qualname__}"
+            raise RevcompileError(f"the model's lm_head is now a {kind} (an adapter, or replaced since conversion), "
+                                  "which the chunked head cannot compute: convert with make_reversible(model, "
+                                  "head='original'), which keeps the model's own head")
+        if self.kernel in FUSED_KERNELS:
+            check_fused_kernel(self.kernel, head)
+        self.head.__class__ = self.head_class
+        del self.head._revcompile_head
+        self.head, self.head_class = head, type(head)
+        head._revcompile_head = self
+        head.__class__ = _subclass(ChunkedHead, type(head))
+
     def loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
              **kwargs):
         """ForCausalLMLoss's signature; `logits` is the placeholder, the hidden states were recorded by the head."""
@@ -272,6 +290,9 @@ class ChunkedHeadModel(nn.Module):
         labels = bound.get("labels", bound.get("kwargs", {}).get("labels"))
         if labels is None or not torch.is_grad_enabled() or kwargs.get("return_dict") is False:
             return super().forward(*args, **kwargs)
+        head = self.get_output_embeddings()
+        if head is not runtime.head:  # replaced since conversion (resize_token_embeddings of an untied head)
+            runtime.follow(head)
         runtime.recorded = []
         try:
             out = super().forward(*args, **kwargs)
