@@ -158,6 +158,7 @@ class GraphLayer(nn.Module):
             if grad and not inversion_disabled():
                 # NOTE: the parameters are graph inputs here, so they travel as context tensors: the Function
                 # returns their gradients as it does for any context input that requires grad
+                hidden = self.runtime.reversible_input(hidden)
                 out = self.runtime.run_reversible(dict(self.branches), hidden, values, [], training=True,
                                                   collector=collected, observe=reconstruction_observer(self, hidden))
             else:
