@@ -247,3 +247,18 @@ def test_frozen_lower_layers_keep_the_run_exact(precision):
     bound = 0.0 if precision != "fp32" else 1e-4
     assert rel_err(loss, reference_loss) <= bound
     assert max(rel_err(grads[n].double(), reference[n].double()) for n in reference) <= bound
+
+
+def test_a_layer_left_in_eval_mode_in_training_hands_its_gradient_on():
+    """A layer in eval mode in training runs coupled with grad; the reversible layer above continues the run's
+    integers and hands their gradient back to its float carriers: the embedding and that layer get the reference's
+    gradients bit for bit (without the handover they got none)."""
+    model = revcompile.make_reversible(make_model("mixtral", torch.bfloat16, layers=4, use_cache=False))
+    model.train()
+    model.model.layers[0].eval()
+    ids = token_batch(model)
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    reference_loss, _, reference = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and grads.keys() == reference.keys() and "model.embed_tokens.weight" in grads
+    assert loss == reference_loss
+    assert all(torch.equal(grads[n], reference[n]) for n in reference)

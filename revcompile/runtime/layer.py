@@ -162,6 +162,20 @@ class InversionStats:
         return self.solved / total if total else float("nan")
 
 
+class _Handover(torch.autograd.Function):
+    """apply(carriers, packed) -> packed (the run's integer streams), its gradient handed to the float carriers,
+    which stand for the same values (straight through, as in the coupled reference)."""
+
+    @staticmethod
+    def forward(ctx, carriers: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = carriers.dtype
+        return packed.view_as(packed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
 class StreamRuntime:
     """A converted layer as the reversible Function sees it: its scheme, its place in its run, its recompute slices.
 
@@ -281,12 +295,15 @@ class StreamRuntime:
         embedding). On exact streams their output is float carriers with the run's integers beside them; those
         integers must go on, in a slot of their own (nothing refills it for a backward), or this layer would continue
         the run on float streams, whose bf16 steps do not invert exactly (gradients were 1 % off the reference's
-        with two of four bf16 layers frozen)."""
+        with two of four bf16 layers frozen). A layer left in eval mode in training runs coupled with grad: its
+        carriers take the gradient of the integers (`_Handover`)."""
         exact = None if self.is_first or _tag_of(hidden, SLOT) is not None else _tag_of(hidden, EXACT_REFERENCE)
         if exact is None:
             return hidden
         arithmetic, state = exact
         packed, slot = arithmetic.pack(state), Slot()
+        if hidden.requires_grad:
+            packed = _Handover.apply(hidden, packed)
         slot.streams = arithmetic
         setattr(packed, SLOT, slot)
         return packed
