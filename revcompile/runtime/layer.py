@@ -162,14 +162,15 @@ class InversionStats:
         return self.solved / total if total else float("nan")
 
 
-class _Handover(torch.autograd.Function):
-    """apply(carriers, packed) -> packed (the run's integer streams), its gradient handed to the float carriers,
-    which stand for the same values (straight through, as in the coupled reference)."""
+class _GradientTo(torch.autograd.Function):
+    """apply(source, value) -> value, its gradient handed to `source` (in its dtype): the same streams in another
+    form, the run's packed integers and their float carriers, either way round (straight through, as in the coupled
+    reference). `value` is returned untouched: packed integers are bits, which arithmetic would not keep."""
 
     @staticmethod
-    def forward(ctx, carriers: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        ctx.dtype = carriers.dtype
-        return packed.view_as(packed)
+    def forward(ctx, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = source.dtype
+        return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -223,6 +224,7 @@ class StreamRuntime:
         reversible Function runs it in (the same random numbers and kernels), on float streams, or on integer streams
         with straight-through gradients; gradients summed as the reversible backward sums them (reference.py).
         `collecting_hidden_states`: a packed output carries the hidden state it merges into (`HIDDEN_STATE`)."""
+        hidden = self.coupled_input(hidden)
         tag = None if self.is_first else _tag_of(hidden, EXACT_REFERENCE)
         arithmetic = self.streams(hidden, tag[0] if tag else None)
         if arithmetic.exact:
@@ -296,17 +298,32 @@ class StreamRuntime:
         integers must go on, in a slot of their own (nothing refills it for a backward), or this layer would continue
         the run on float streams, whose bf16 steps do not invert exactly (gradients were 1 % off the reference's
         with two of four bf16 layers frozen). A layer left in eval mode in training runs coupled with grad: its
-        carriers take the gradient of the integers (`_Handover`)."""
+        carriers take the gradient of the integers (`_GradientTo`)."""
         exact = None if self.is_first or _tag_of(hidden, SLOT) is not None else _tag_of(hidden, EXACT_REFERENCE)
         if exact is None:
             return hidden
         arithmetic, state = exact
         packed, slot = arithmetic.pack(state), Slot()
         if hidden.requires_grad:
-            packed = _Handover.apply(hidden, packed)
+            packed = _GradientTo.apply(hidden, packed)
         slot.streams = arithmetic
         setattr(packed, SLOT, slot)
         return packed
+
+    def coupled_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the coupled computation takes for `hidden`: itself, or float carriers of the run's integer streams
+        (tagged with them, as a coupled layer's output is) where the layer before ran reversibly on exact streams
+        (a layer left in eval mode in training above a reversible one: it read the packed integers as floats)."""
+        slot = None if self.is_first else _tag_of(hidden, SLOT)
+        if slot is None or not slot.streams.exact:
+            return hidden
+        arithmetic = slot.streams
+        state = arithmetic.unpack(hidden)
+        carriers = torch.stack([arithmetic.view(state, s) for s in self.scheme.streams])
+        if hidden.requires_grad:
+            carriers = _GradientTo.apply(hidden, carriers)
+        setattr(carriers, EXACT_REFERENCE, (arithmetic, state))
+        return carriers
 
     def run_reversible(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list, params: list,
                        training: bool, collector: dict | None = None,
