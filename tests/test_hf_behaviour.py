@@ -77,6 +77,30 @@ def test_aux_loss_router_logits_carry_gradient_and_count_once(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attention_weights_carry_their_gradient(dtype):
+    """output_attentions=True in training (eager attention): the weights Hugging Face collects from inside the
+    attention branch were recorded in the no-grad forward, so a loss on them (attention transfer) trained nothing
+    through converted layers, silently. Returned by the reversible Function as the router logits are, they carry
+    gradient: with a loss on them and the load-balancing loss, every gradient equals the reference's bit for bit
+    (fp64 and bf16), each layer's weights collected once."""
+    model = revcompile.make_reversible(make_model("mixtral", dtype, layers=3))
+    ids = token_batch(model)
+
+    def step(reference: bool):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with revcompile.disable_inversion() if reference else nullcontext():
+            out = model(ids, labels=ids, output_attentions=True, output_router_logits=True)
+            (out.loss + out.aux_loss + sum(a.float().pow(2).sum() for a in out.attentions)).backward()
+        return out.attentions, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (attentions, grads), (reference_attentions, reference) = step(False), step(True)
+    assert len(attentions) == 3 and all(a.requires_grad for a in attentions)
+    assert all(torch.equal(a, b) for a, b in zip(attentions, reference_attentions))
+    assert grads.keys() == reference.keys() and all(torch.equal(grads[n], reference[n]) for n in reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_output_hidden_states_are_hidden_states_with_their_gradient(dtype):
     """output_hidden_states=True (TRL's value and reward heads read hidden states; it was an error): between
     converted layers Hugging Face's hook records packed streams, which the next layer replaces by the hidden state

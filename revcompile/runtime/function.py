@@ -25,7 +25,7 @@ cannot be inverted costs memory, never correctness.
 NOTE: slices. A branch that acts on each token (FFN, MoE) or on each sequence (attention) alone may run a slice of
 the sequence or of the batch at a time (`slicing.py`): its working set is divided by the number of slices. Each
 slice records its own routing and RNG state in forward and is recomputed alone. Not done while Hugging Face collects
-router logits (its load-balancing loss wants one tensor per layer).
+router logits or attention weights (one tensor per layer).
 
 NOTE: values a layer hands on to the next beside its output (DSA's top-k indices, Zaya's router states; see
 plan._hands_on). The branch that makes one puts it into the layer call's sink (`hf_outputs.OtherOutputs`) in
@@ -49,7 +49,8 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
-from .hf_outputs import ROUTER_LOGITS, other_outputs_into, other_outputs_sink, private_collector, runs_whole
+from .hf_outputs import (GRADIENT_OUTPUTS, ROUTER_LOGITS, other_outputs_into, other_outputs_sink, private_collector,
+                         runs_whole)
 from .replay import AutocastState, Replay, run_recorded, run_recorded_again, run_replayed
 from .slicing import Piece, branch_pieces
 from .streams import FloatStreams
@@ -98,8 +99,10 @@ class CouplingCall:
     autocast: AutocastState
     streams: FloatStreams  # the run's arithmetic: float steps or exact integer streams
     observe: Callable[[FloatStreams, torch.Tensor], None] | None = None  # check(): sees the rebuilt input
-    router_logits: list | None = None  # Hugging Face's list collecting router logits in this model call
-    router_counts: list[int] | None = None  # how many router logits each step's branch added to it
+    # Hugging Face's lists collecting outputs with gradient from inside the branches in this model call (router
+    # logits, attention weights: hf_outputs.GRADIENT_OUTPUTS), by key; and how many each step's branch added to them
+    collected: dict[str, list] | None = None
+    collected_counts: list[int] | None = None
     # (position in the layer's output, step) of each floating-point value the layer hands on to the next layer
     carried: list[tuple[int, int]] | None = None
     hands_hidden_state: bool = False  # also return the hidden state the output streams merge into (hf_outputs.py)
@@ -138,15 +141,16 @@ class _GradSum:
 
 
 def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tensor], context: list, wrt: list,
-                g_out: torch.Tensor, router_grads: tuple = (), piece: Piece | None = None,
+                g_out: torch.Tensor, collected_grads: tuple = (), piece: Piece | None = None,
                 carried_grads: list[tuple[int, torch.Tensor]] = ()):
     """Recompute one branch (on `piece` of its reads and context, if given) with grad on the streams it reads and
-    backpropagate `g_out` (and the router logits', and those of the values it hands on: (position, gradient)).
+    backpropagate `g_out` (and those of the outputs Hugging Face collected from it, and of the values it hands on:
+    (position, gradient)).
 
     Returns (branch output, gradients of reads, gradients of `wrt`); the branch's graph is gone on return.
     """
     reads = [read.detach().requires_grad_(True) for read in reads]
-    with torch.enable_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS) as recorded, \
+    with torch.enable_grad(), call.autocast.restored(), private_collector(*GRADIENT_OUTPUTS) as recorded, \
             other_outputs_into({}) as remade:
         if piece is not None:  # sliced here, with grad: a context tensor that requires grad gets its gradient
             context = piece.context(context)
@@ -158,11 +162,12 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
     # NOTE: in the output's dtype, as autograd hands it to the branch in the reference: under autocast a bf16 branch
     # output added to an fp32 stream gets its gradient rounded to bf16, and a finer one here would differ from it
     outputs, grad_outputs = [out], [g_out.to(out.dtype)]
-    if router_grads:
-        if len(recorded[ROUTER_LOGITS]) != len(router_grads):
-            raise RevcompileError("the recompute recorded other router logits than the forward")
-        outputs += recorded[ROUTER_LOGITS]
-        grad_outputs += router_grads
+    if collected_grads:
+        again = [value for key in call.collected for value in recorded[key]]  # (in the forward's order)
+        if len(again) != len(collected_grads):
+            raise RevcompileError("the recompute recorded other router logits or attention weights than the forward")
+        outputs += again
+        grad_outputs += collected_grads
     outputs += [remade[position] for position, _ in carried_grads]
     grad_outputs += [grad for _, grad in carried_grads]
     grads = torch.autograd.grad(outputs, [*reads, *wrt], grad_outputs, allow_unused=True)
@@ -173,8 +178,8 @@ def _solve(call: CouplingCall, step, after: dict[str, torch.Tensor], context: li
     """Invert an implicit step by fixed-point iteration, the branch replaying the forward's routing and RNG."""
     branch = call.branches[step.branch]
     scheme = call.runtime.scheme
-    # the iterations' router logits go to a private collector: Hugging Face's aux loss must not see them (nor the
-    # layer's output its other outputs)
+    # the iterations' router logits and attention weights go to a private collector: Hugging Face's outputs must not
+    # see them (nor the layer's output its other outputs)
     with torch.no_grad(), call.autocast.restored(), private_collector(ROUTER_LOGITS), other_outputs_into(None):
         return fixed_point(step, after, lambda state: run_replayed(branch, (*(state[s] for s in step.reads),
                                                                             *context), replay),
@@ -195,11 +200,11 @@ def _check_inversion(call: CouplingCall, step, before: dict[str, torch.Tensor], 
 
 
 def step_pieces(runtime: "StreamRuntime", step, branch: torch.nn.Module, read: torch.Tensor, context: list,
-                collecting_router_logits: bool) -> list[Piece] | None:
+                collecting_outputs: bool) -> list[Piece] | None:
     """The pieces a step's branch runs in (forward, recompute and the coupled reference alike), or None for one
-    piece: not for implicit steps, nor for a branch making other outputs of the layer, nor while router logits are
-    collected."""
-    if step.implicit or collecting_router_logits or runs_whole(branch):
+    piece: not for implicit steps, nor for a branch making other outputs of the layer, nor while Hugging Face collects
+    outputs from inside the branches (`collecting_outputs`: router logits, attention weights)."""
+    if step.implicit or collecting_outputs or runs_whole(branch):
         return None
     return branch_pieces(runtime.splits.get(step.branch), read, context, runtime.layouts)
 
@@ -231,7 +236,7 @@ def _run_forward_branch(call: CouplingCall, branch, reads: list[torch.Tensor], c
 def _forward_branch(call: CouplingCall, step, reads: list[torch.Tensor], context: list):
     """Run a step's branch in forward, recording each piece's routing and RNG: (output, [(piece, replay)])."""
     branch = call.branches[step.branch]
-    pieces = step_pieces(call.runtime, step, branch, reads[0], context, call.router_logits is not None)
+    pieces = step_pieces(call.runtime, step, branch, reads[0], context, call.collected is not None)
     if pieces is None:
         out, replay = _run_forward_branch(call, branch, reads, context)
         return out, [(None, replay)]
@@ -252,10 +257,10 @@ class ReversibleCoupling(torch.autograd.Function):
         n_context = len(tensors) - len(call.params)
         context = call.context(tensors[:n_context])
         streams = arithmetic.open(x) if rt.is_first else arithmetic.unpack(x)
-        call.replays, call.router_counts, call.stored, router_logits = [], [], [], []
+        call.replays, call.collected_counts, call.stored, collected = [], [], [], []
         sink, carried_by = other_outputs_sink(), {}
         for k, step in enumerate(rt.scheme.steps):
-            before = len(call.router_logits) if call.router_logits is not None else 0
+            before = {key: len(values) for key, values in (call.collected or {}).items()}
             reads = [arithmetic.view(streams, s) for s in step.reads]
             with other_outputs_into({}) as made:
                 out, parts = _forward_branch(call, step, reads, context)
@@ -268,9 +273,10 @@ class ReversibleCoupling(torch.autograd.Function):
                                else None)
             streams[step.target] = new
             call.replays.append(parts)
-            if call.router_logits is not None:
-                router_logits.extend(call.router_logits[before:])
-                call.router_counts.append(len(call.router_logits) - before)
+            if call.collected is not None:
+                added = [value for key, values in call.collected.items() for value in values[before[key]:]]
+                collected.extend(added)
+                call.collected_counts.append(len(added))
         streams = rt.scheme.permute(streams)
         ctx.call = call
         packed = arithmetic.pack(streams)
@@ -283,11 +289,12 @@ class ReversibleCoupling(torch.autograd.Function):
             ctx.save_for_backward(*tensors[:n_context])
             call.out_slot.tensor, call.out_slot.streams = packed.detach(), arithmetic
             output = packed
-        # returning the recorded router logits makes these very tensors (held by Hugging Face's list) outputs of
-        # this Function: the load-balancing loss's gradient reaches backward through them; so for floating-point
+        # returning the recorded router logits (attention weights) makes these very tensors (held by Hugging Face's
+        # lists) outputs of this Function: the load-balancing loss's gradient reaches backward through them; so for
+        # floating-point
         # values handed on to the next layer (whose backward, run first, gives them their gradient)
         call.carried = sorted(carried_by.items())
-        more = [*router_logits, *(sink[p] for p, _ in call.carried)]
+        more = [*collected, *(sink[p] for p, _ in call.carried)]
         if call.hands_hidden_state:
             more.append(arithmetic.merge(streams))
         return (output, *more) if more else output
@@ -298,8 +305,9 @@ class ReversibleCoupling(torch.autograd.Function):
         if call.replays is None:
             raise RevcompileError("backward ran twice through a reversible layer; retain_graph=True is not supported")
         rt, scheme, arithmetic = call.runtime, call.runtime.scheme, call.streams
-        n_router = sum(call.router_counts or ())
-        grad_router_logits, grad_carried = grad_more[:n_router], grad_more[n_router:n_router + len(call.carried)]
+        n_collected = sum(call.collected_counts or ())
+        grad_collected = grad_more[:n_collected]
+        grad_carried = grad_more[n_collected:n_collected + len(call.carried)]
         saved = ctx.saved_tensors
         # NOTE: the streams live in one packed buffer, undone in place and handed on to the previous layer, so
         # the peak (a branch recompute) sees one packed buffer of streams and the incoming gradient, nothing more.
@@ -322,7 +330,7 @@ class ReversibleCoupling(torch.autograd.Function):
         wrt = [t for t in context_inputs if t.requires_grad] + call.params
         accumulated = _GradSum(len(wrt))
 
-        router_ends = list(itertools.accumulate(call.router_counts or [0] * len(scheme.steps)))
+        collected_ends = list(itertools.accumulate(call.collected_counts or [0] * len(scheme.steps)))
         for k in reversed(range(len(scheme.steps))):
             step, parts = scheme.steps[k], call.replays[k]
             if step.implicit:  # the old value first (stored in forward if it did not converge there), then the vjp
@@ -331,13 +339,13 @@ class ReversibleCoupling(torch.autograd.Function):
                 streams[step.target].copy_(old)
                 del old
             g_out = grads[step.target] if step.branch_scale == 1 else step.branch_scale * grads[step.target]
-            router_grads = grad_router_logits[router_ends[k] - call.router_counts[k]:router_ends[k]] \
-                if grad_router_logits and call.router_counts[k] else ()
+            collected_grads = grad_collected[collected_ends[k] - call.collected_counts[k]:collected_ends[k]] \
+                if grad_collected and call.collected_counts[k] else ()
             reads = [arithmetic.view(streams, s) for s in step.reads]
             grads = step.transpose(grads)  # (g_out is taken: the branch's own terms are added below)
             if len(parts) == 1:
                 carried_grads = [(p, g) for (p, made_in), g in zip(call.carried, grad_carried) if made_in == k]
-                out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, router_grads,
+                out, g_reads, g_wrt = _branch_vjp(call, step, parts[0][1], reads, context, wrt, g_out, collected_grads,
                                                   carried_grads=carried_grads)
                 if not step.implicit:
                     # only now (all grads taken): the reads are views of the same buffer, and autograd checks versions

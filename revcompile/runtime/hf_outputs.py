@@ -1,13 +1,13 @@
 """A converted layer's outputs beside its hidden state: Hugging Face's output capture (`output_router_logits`,
-`output_hidden_states`) and the layer's own other outputs. (The torch.compile backend's layers collect the router
-logits their MoE branch hands out the same way.)
+`output_attentions`, `output_hidden_states`) and the layer's own other outputs. (The torch.compile backend's
+layers collect the router logits their MoE branch hands out the same way.)
 
 transformers v5 collects such outputs with forward hooks into a collector that is active during one model call
 (a context variable). Two consequences for reversible layers:
-- router logits recorded during the Function's no-grad forward carry no gradient. The Function returns them as
-  extra outputs, which gives those very tensors a gradient path into its backward; there the recompute records
-  the router logits again into a private collector (so the user's lists are never appended twice) and the
-  load-balancing loss's gradient flows through them;
+- router logits and attention weights recorded during the Function's no-grad forward carry no gradient. The
+  Function returns them as extra outputs, which gives those very tensors a gradient path into its backward; there
+  the recompute records them again into a private collector (so the user's lists are never appended twice) and
+  the gradient of a loss on them (the load-balancing loss) flows through them;
 - hidden states recorded between converted layers would be packed streams, not hidden states: the next converted
   layer puts in their place the hidden state they merge into, which the layer that made them also returns (from its
   reversible Function in training, so that a loss on it reaches backward: `layer._record_hidden_state`).
@@ -21,7 +21,10 @@ from contextvars import ContextVar
 
 from torch import nn
 
-ROUTER_LOGITS, HIDDEN_STATES = "router_logits", "hidden_states"
+ROUTER_LOGITS, ATTENTIONS, HIDDEN_STATES = "router_logits", "attentions", "hidden_states"
+# what Hugging Face collects from inside a converted layer's branches that may carry gradient (a load-balancing loss,
+# an attention-transfer loss): the reversible Function returns them and its backward recomputes them
+GRADIENT_OUTPUTS = (ROUTER_LOGITS, ATTENTIONS)
 _CAPTURING = "transformers.utils.output_capturing"  # a private module of transformers v5
 # a collector of our own while transformers is not imported: the torch.compile backend collects the router logits
 # its layers hand out (`backend.HandsOut`) in plain PyTorch models too

@@ -34,8 +34,8 @@ from ..passes.rewrite import coupling_module
 from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, step_pieces
-from .hf_outputs import (HIDDEN_STATES, ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole, other_outputs_into,
-                         private_collector, runs_whole)
+from .hf_outputs import (GRADIENT_OUTPUTS, HIDDEN_STATES, ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole,
+                         other_outputs_into, private_collector, runs_whole)
 from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
 from .replay import AutocastState
 from .slicing import SEQUENCE, TOKEN, BatchContext, Split
@@ -219,7 +219,7 @@ class StreamRuntime:
         return self._float
 
     def run_coupled(self, branches: dict[str, nn.Module], hidden: torch.Tensor, values: list,
-                    collecting_router_logits: bool = False, collecting_hidden_states: bool = False) -> torch.Tensor:
+                    collecting_outputs: bool = False, collecting_hidden_states: bool = False) -> torch.Tensor:
         """The coupled computation under ordinary autograd: the scheme's steps, each branch run in the slices the
         reversible Function runs it in (the same random numbers and kernels), on float streams, or on integer streams
         with straight-through gradients; gradients summed as the reversible backward sums them (reference.py).
@@ -229,10 +229,10 @@ class StreamRuntime:
         arithmetic = self.streams(hidden, tag[0] if tag else None)
         if arithmetic.exact:
             return self._run_exact_coupled(arithmetic, tag[1] if tag else None, branches, hidden, values,
-                                           collecting_router_logits, collecting_hidden_states)
+                                           collecting_outputs, collecting_hidden_states)
         streams = open_streams(self.scheme, hidden) if self.is_first else arithmetic.unpack(hidden)
         for step in self.scheme.steps:
-            out = self._run_branch(branches, step, [streams[s] for s in step.reads], values, collecting_router_logits)
+            out = self._run_branch(branches, step, [streams[s] for s in step.reads], values, collecting_outputs)
             streams = linear_step(step, streams, out)
         streams = self.scheme.permute(streams)
         if self.is_last:
@@ -243,10 +243,10 @@ class StreamRuntime:
         return packed
 
     def _run_branch(self, branches: dict[str, nn.Module], step, reads: list[torch.Tensor], values: list,
-                    collecting_router_logits: bool) -> torch.Tensor:
+                    collecting_outputs: bool) -> torch.Tensor:
         branch = branches[step.branch]
         reads = [branch_input(read) for read in reads]
-        pieces = step_pieces(self, step, branch, reads[0], values, collecting_router_logits)
+        pieces = step_pieces(self, step, branch, reads[0], values, collecting_outputs)
         with branch_autocast(reads[0].device):
             if pieces is None:
                 return branch(*reads, *values)
@@ -254,7 +254,7 @@ class StreamRuntime:
                                    for piece in pieces])
 
     def _run_exact_coupled(self, arithmetic: ExactStreams, state: dict | None, branches: dict[str, nn.Module],
-                           hidden: torch.Tensor, values: list, collecting_router_logits: bool,
+                           hidden: torch.Tensor, values: list, collecting_outputs: bool,
                            collecting_hidden_states: bool) -> torch.Tensor:
         """Exact streams under ordinary autograd: the reversible Function's integer arithmetic, step for step and
         slice for slice, while a float copy of each stream (`carriers`, equal in value to the integers seen in the
@@ -270,7 +270,7 @@ class StreamRuntime:
             carriers, state = dict(zip(scheme.streams, hidden.unbind(0))), dict(state)
         recording = torch.is_grad_enabled()  # else (eval) the carriers are the integers' values and nothing more
         for step in scheme.steps:
-            out = self._run_branch(branches, step, [carriers[s] for s in step.reads], values, collecting_router_logits)
+            out = self._run_branch(branches, step, [carriers[s] for s in step.reads], values, collecting_outputs)
             state[step.target] = arithmetic.apply(step, state, out)
             if recording:
                 carriers = linear_step(step, carriers, out)
@@ -338,7 +338,8 @@ class StreamRuntime:
         collecting = collector if collector is not None else {}
         call = CouplingCall(self, branches, template, spec, params, in_slot, None if self.is_last else Slot(),
                             training, AutocastState.capture(hidden.device), arithmetic,
-                            router_logits=collecting.get(ROUTER_LOGITS), observe=observe,
+                            collected={key: collecting[key] for key in GRADIENT_OUTPUTS if key in collecting} or None,
+                            observe=observe,
                             hands_hidden_state=not self.is_last and HIDDEN_STATES in collecting)
         out = ReversibleCoupling.apply(call, hidden, *tensors, *params)
         if isinstance(out, tuple):  # (output, router logits given a gradient path, ...): see hf_outputs.py
@@ -512,7 +513,8 @@ class LayerRuntime(StreamRuntime):
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
             return self.run_coupled(branches, hidden, values,
-                                    collector is not None and ROUTER_LOGITS in collector, collecting_hidden_states)
+                                    collector is not None and any(key in collector for key in GRADIENT_OUTPUTS),
+                                    collecting_hidden_states)
 
         refuse_sharded_inside(layer)
         hidden = self.reversible_input(hidden)
