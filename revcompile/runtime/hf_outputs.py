@@ -21,10 +21,10 @@ from contextvars import ContextVar
 
 from torch import nn
 
-ROUTER_LOGITS, ATTENTIONS, HIDDEN_STATES = "router_logits", "attentions", "hidden_states"
+ROUTER_LOGITS, HIDDEN_STATES = "router_logits", "hidden_states"
 # what Hugging Face collects from inside a converted layer's branches that may carry gradient (a load-balancing loss,
 # an attention-transfer loss): the reversible Function returns them and its backward recomputes them
-GRADIENT_OUTPUTS = (ROUTER_LOGITS, ATTENTIONS)
+GRADIENT_OUTPUTS = (ROUTER_LOGITS, "attentions", "cross_attentions")
 _CAPTURING = "transformers.utils.output_capturing"  # a private module of transformers v5
 # a collector of our own while transformers is not imported: the torch.compile backend collects the router logits
 # its layers hand out (`backend.HandsOut`) in plain PyTorch models too
