@@ -120,6 +120,22 @@ def test_an_adapter_on_the_lm_head_after_conversion_is_refused():
     assert model.base_model.model.lm_head.lora_A["default"].weight.grad is not None
 
 
+def test_a_loss_function_set_after_conversion_is_used():
+    """A loss_function set on the model after conversion was silently ignored in calls with labels (the chunked
+    loss ran instead); it now gets the full logits, with a warning that the chunked head is bypassed. (One set
+    before conversion keeps the original head.) Twice ForCausalLMLoss gives twice the chunked loss (fp64; HF's loss
+    rounds to fp32: 2.6e-8 measured, bound 1e-6)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = revcompile.make_reversible(make_model("mixtral", layers=2))
+    ids = token_batch(model)
+    chunked = model(ids, labels=ids).loss
+    model.loss_function = lambda *args, **kwargs: 2 * ForCausalLMLoss(*args, **kwargs)
+    with pytest.warns(UserWarning, match="chunked head is bypassed"):
+        doubled = model(ids, labels=ids).loss
+    assert abs(float(doubled / chunked) - 2) < 1e-6
+
+
 def test_softcap_and_shift_matter():
     """The comparison above can fail: the loss without the softcap, or with unshifted labels, is off by far more
     than its tolerance (near-uniform random-init logits keep any loss near log(vocab), hence 1e-4)."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -290,6 +291,10 @@ class ChunkedHeadModel(nn.Module):
         labels = bound.get("labels", bound.get("kwargs", {}).get("labels"))
         if labels is None or not torch.is_grad_enabled() or kwargs.get("return_dict") is False:
             return super().forward(*args, **kwargs)
+        if _custom_loss(self):  # set since conversion (one set before keeps the original head): it must be used
+            warnings.warn("a loss_function other than ForCausalLMLoss was set on the model after conversion: it gets "
+                          "the full logits (the chunked head is bypassed; its memory saving with it)", stacklevel=2)
+            return super().forward(*args, **kwargs)
         head = self.get_output_embeddings()
         if head is not runtime.head:  # replaced since conversion (resize_token_embeddings of an untied head)
             runtime.follow(head)
@@ -308,6 +313,13 @@ class ChunkedHeadModel(nn.Module):
     @loss_function.setter
     def loss_function(self, value):
         self._loss_function = value
+
+
+def _custom_loss(model: nn.Module) -> bool:
+    """Is a loss_function other than transformers' ForCausalLMLoss set on `model`?"""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return model.__dict__.get("_loss_function", ForCausalLMLoss) is not ForCausalLMLoss
 
 
 class ChunkedHead(nn.Module):
