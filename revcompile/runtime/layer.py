@@ -558,7 +558,17 @@ _CLASSES: dict[type, type] = {}
 
 
 def reversible_class(cls: type) -> type:
-    """The (cached) subclass `Reversible<cls>` of a layer class."""
+    """The (cached) subclass `Reversible<cls>` of a layer class.
+
+    NOTE: its forward is hidden from torch.compile (`torch.compiler.disable`): a converted model wrapped in
+    torch.compile (the Trainer's `torch_compile=True`) had its layers' forward branches compiled by Inductor while
+    backward recomputed them eagerly, and the two round differently: in bf16 the rebuilt inputs were 1e-3 off and
+    the gradients 1 % off, silently. The layers run eagerly there, the rest of the model compiled; the branches of
+    `make_reversible(model, compile=True)` are compiled by revcompile itself (one graph for forward and recompute),
+    which a disabled frame does not stop.
+    """
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Reversible{cls.__name__}", (ReversibleLayer, cls), {"__module__": cls.__module__})
+        forward = torch.compiler.disable(ReversibleLayer.forward)
+        _CLASSES[cls] = type(f"Reversible{cls.__name__}", (ReversibleLayer, cls),
+                             {"__module__": cls.__module__, "forward": forward})
     return _CLASSES[cls]
