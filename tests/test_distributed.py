@@ -2,7 +2,8 @@
 
 One training step under FSDP2 (fully_shard on each converted layer, then the root) and under DDP gives the loss and
 the gathered gradients of a single-process run of the same converted model on the global batch (fp32, 1e-5), while
-the two ranks route their tokens to different experts. Wrong orders raise RevcompileError instead of hanging.
+the two ranks route their tokens to different experts; under FSDP2's bf16 mixed precision, the same gradients as
+ordinary autograd bit for bit. Wrong orders raise RevcompileError instead of hanging.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from conftest import (
 )
 from plain_models import SparsePreNormBlock
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -52,6 +53,11 @@ def _counting_allreduce(reduced: list[int], bucket):
     return allreduce_hook(None, bucket)
 
 
+def gathered_grads(model) -> dict[str, torch.Tensor]:
+    return {name.removeprefix("module."): p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
 def _rank_step(rank: int, engine: str, model_name: str, init_method: str, out_dir: str) -> None:
     """One rank: convert, wrap (make_reversible first), one training step on its half of the global batch."""
     torch.set_num_threads(1)
@@ -62,10 +68,13 @@ def _rank_step(rank: int, engine: str, model_name: str, init_method: str, out_di
         ids = token_batch(model, batch=WORLD)[rank:rank + 1]
         layers = revcompile.converted_layers(model)
         reduced: list[int] = []
-        if engine == "fsdp2":
+        if engine.startswith("fsdp2"):
+            # fsdp2-bf16: bf16 compute, fp32 reductions; cast_forward_inputs (the default) casts each layer's inputs
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if engine == "fsdp2-bf16" else MixedPrecisionPolicy()
             for layer in layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
             if model_name == "plain_sparse":  # expert modules unused on one rank: FSDP2's own switch for MoE
                 model.set_reduce_scatter_unused_params(True)
         else:
@@ -81,14 +90,20 @@ def _rank_step(rank: int, engine: str, model_name: str, init_method: str, out_di
             # parameters resharded after forward, so the backward recompute needs them all-gathered again
             "resharded": all(isinstance(p, DTensor) and p.to_local().numel() < p.numel()
                              for layer in layers for p in layer.parameters()),
+            "exact": [n.call.streams.exact for n in nodes],
         }
         with torch.profiler.profile() as prof:
             loss.backward()
         result["fsdp_reductions"] = Counter(e.name for e in prof.events()
                                             if e.name.startswith("FSDP::post_backward_reduce"))
         result["ddp_reduced"] = sum(reduced)
-        result["grads"] = {name.removeprefix("module."): p.grad.full_tensor() if isinstance(p.grad, DTensor)
-                           else p.grad for name, p in model.named_parameters() if p.grad is not None}
+        result["grads"] = gathered_grads(model)
+        if engine == "fsdp2-bf16":  # the same step under ordinary autograd (the same FSDP2 casts and reductions)
+            model.zero_grad(set_to_none=True)
+            with revcompile.disable_inversion():
+                reference = lm_loss(model, ids)
+                reference.backward()
+            result["reference_loss"], result["reference_grads"] = reference.item(), gathered_grads(model)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -147,6 +162,23 @@ def test_one_step_equals_a_single_process_run(engine, model_name, tmp_path):
     else:
         trainable = sum(p.numel() for p in model.parameters())
         assert all(r["ddp_reduced"] == trainable for r in ranks), "each gradient must be all-reduced exactly once"
+
+
+def test_fsdp2_mixed_precision_keeps_bf16_exact(tmp_path):
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16) on fp32 weights, the usual way to train in bf16: the runs
+    are on exact streams and every gathered gradient equals the same step's under ordinary autograd bit for bit.
+
+    FSDP2 casts each sharded layer's floating-point inputs to bf16 (cast_forward_inputs), the packed integer
+    streams too: the loss was nan on both ranks until a layer takes its run's streams from behind the cast
+    (runtime/layer.py `_before_cast`).
+    """
+    ranks = run_ranks("fsdp2-bf16", "mixtral", tmp_path)
+    for r in ranks:
+        assert r["nodes"] == LAYERS and all(r["exact"]) and r["held"] == 0 and r["resharded"]
+        assert r["loss"] == r["reference_loss"]
+        assert r["grads"].keys() == r["reference_grads"].keys()
+        assert all(torch.equal(g, r["reference_grads"][name]) for name, g in r["grads"].items())
+        assert len(r["fsdp_reductions"]) == LAYERS + 1 and set(r["fsdp_reductions"].values()) == {1}
 
 
 @pytest.fixture

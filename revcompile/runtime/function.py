@@ -66,12 +66,13 @@ class Slot:
     """Holds one inter-layer tensor between the layer that made it and the backward that needs it, and the run's
     stream arithmetic (`streams`), which the next layer of the run continues with."""
 
-    __slots__ = ("tensor", "owned", "streams")
+    __slots__ = ("tensor", "owned", "streams", "output")
 
     def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
         self.owned = False  # True once it holds a reconstruction that only revcompile can see
         self.streams: FloatStreams | None = None
+        self.output: Callable[[], torch.Tensor | None] | None = None  # a weak reference to the layer's output
 
     def refill(self, tensor: torch.Tensor) -> None:
         self.tensor, self.owned = tensor, True
@@ -291,8 +292,7 @@ class ReversibleCoupling(torch.autograd.Function):
             output = packed
         # returning the recorded router logits (attention weights) makes these very tensors (held by Hugging Face's
         # lists) outputs of this Function: the load-balancing loss's gradient reaches backward through them; so for
-        # floating-point
-        # values handed on to the next layer (whose backward, run first, gives them their gradient)
+        # floating-point values handed on to the next layer (whose backward, run first, gives them their gradient)
         call.carried = sorted(carried_by.items())
         more = [*collected, *(sink[p] for p, _ in call.carried)]
         if call.hands_hidden_state:

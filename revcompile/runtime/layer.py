@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -101,16 +102,26 @@ def _tag_of(hidden: torch.Tensor, name: str) -> Any:
     into views. Without looking at the view's base the previous layer's output would stay in its slot until
     backward, and memory would grow with depth again.
     """
-    tag, base = getattr(hidden, name, None), hidden._base
-    if tag is None and base is not None:  # the view must cover the whole base, not a slice of it
-        layout = (hidden.shape, hidden.stride(), hidden.storage_offset())
-        tag = getattr(base, name, None) if layout == (base.shape, base.stride(), base.storage_offset()) else None
+    tag = getattr(hidden, name, None)
+    if tag is None and _viewed(hidden) is not hidden:
+        tag = getattr(_viewed(hidden), name, None)
     return tag
+
+
+def _viewed(hidden: torch.Tensor) -> torch.Tensor:
+    """The tensor `hidden` is an identity view of (the whole base, not a slice of it), or `hidden` itself."""
+    base = hidden._base
+    if base is None or (hidden.shape, hidden.stride(), hidden.storage_offset()) != \
+            (base.shape, base.stride(), base.storage_offset()):
+        return hidden
+    return base
 
 
 # attributes of a converted layer's packed output: its Slot, the exact reference's integer state, and the hidden
 # state the streams merge into (made while Hugging Face collects hidden states: `LayerRuntime._run`)
 SLOT, EXACT_REFERENCE, HIDDEN_STATE = "_revcompile_slot", "_revcompile_exact", "_revcompile_hidden_state"
+
+
 
 
 def splits_by_branch(scheme: Scheme, form: str, by_token: list[bool], by_sequence: list[bool],
@@ -175,6 +186,28 @@ class _GradientTo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.to(ctx.dtype), None
+
+
+def _before_cast(hidden: torch.Tensor) -> torch.Tensor:
+    """The run's packed streams where an engine handed this layer a copy of them cast to another dtype.
+
+    NOTE: FSDP2's MixedPrecisionPolicy (with cast_forward_inputs, its default) casts every floating-point input of a
+    sharded layer to param_dtype. Exact streams travel between layers as int32 bits in a float32 tensor: cast to
+    bf16 they became numbers, and the loss nan. The cast's autograd node leads back to the reversible Function
+    that made them, whose slot keeps a weak reference to its output (alive in the model's layer loop): its bits go
+    on, and their gradient back through the cast and FSDP's hooks (`_GradientTo`; the streams' gradients are
+    values of the model's dtype, so the cast does not round them).
+    """
+    cast = _viewed(hidden).grad_fn
+    if cast is None or type(cast).__name__ != "ToCopyBackward0" or _tag_of(hidden, SLOT) is not None:
+        return hidden
+    slot = getattr(getattr(cast.next_functions[0][0], "call", None), "out_slot", None)
+    original = slot.output() if isinstance(slot, Slot) and slot.output is not None else None
+    if original is None or original.shape != hidden.shape:
+        return hidden
+    packed = _GradientTo.apply(hidden, original.detach())
+    setattr(packed, SLOT, slot)
+    return packed
 
 
 class StreamRuntime:
@@ -350,6 +383,7 @@ class StreamRuntime:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
         if call.out_slot is not None:
             setattr(out, SLOT, call.out_slot)
+            call.out_slot.output = weakref.ref(out)
         return out
 
 
@@ -491,6 +525,8 @@ class LayerRuntime(StreamRuntime):
 
     def _run(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, context, signature = self.bind(layer, args, kwargs)
+        if not self.is_first:
+            hidden = _before_cast(hidden)
         branches, _, _ = self.coupling(layer, args, kwargs, signature)
         values = [context[name] for name in dynamic_names(signature)]
         params = [p for p in layer.parameters() if p.requires_grad]
