@@ -1,6 +1,6 @@
 """Train a converted tiny MoE across processes with FSDP2 or DDP: on CPU with gloo, or on GPUs with nccl.
 
-    torchrun --standalone --nproc_per_node 2 examples/distributed.py --fsdp      # or --ddp
+    torchrun --standalone --nproc_per_node 2 examples/distributed.py --fsdp      # or --ddp; --bf16 for bf16 compute
 
 The order matters: revcompile.make_reversible(model) first, then the engine (fully_shard on each decoder layer and
 on the root, or DistributedDataParallel). Each rank trains on its own batches of standard-library source (bytes,
@@ -28,14 +28,16 @@ from revcompile.models import tiny_model
 TEXT_MODULES = ["json", "email", "http", "argparse", "csv", "logging"]
 
 
-def wrap(model: torch.nn.Module, engine: str, device: torch.device) -> torch.nn.Module:
-    """Hand the (already converted) model to the engine: FSDP2 per decoder layer and root, or DDP."""
+def wrap(model: torch.nn.Module, engine: str, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """Hand the (already converted) model to the engine: FSDP2 per decoder layer and root (bf16: computing in
+    bf16 with fp32 weights and reductions, FSDP2's MixedPrecisionPolicy), or DDP."""
     if engine == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
         for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -53,6 +55,7 @@ def main() -> None:
     engine.add_argument("--fsdp", action="store_const", dest="engine", const="fsdp", help="FSDP2 (the default)")
     engine.add_argument("--ddp", action="store_const", dest="engine", const="ddp", help="DistributedDataParallel")
     parser.add_argument("--plain", action="store_true", help="train the unconverted model instead")
+    parser.add_argument("--bf16", action="store_true", help="compute in bf16 (FSDP2's mixed precision; DDP: autocast)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2, help="sequences per rank and step")
     parser.add_argument("--seq", type=int, default=256)
@@ -79,14 +82,15 @@ def main() -> None:
     model.config.use_cache = False
     if not args.plain:
         revcompile.make_reversible(model)  # first: it converts the unwrapped model
-    model = wrap(model, args.engine, device)
+    model = wrap(model, args.engine, device, args.bf16)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     batches = byte_batches(stdlib_text(TEXT_MODULES), args.batch, args.seq, args.steps, seed=rank)  # own data
     if rank == 0:
         what = "plain" if args.plain else f"reversible ({len(revcompile.converted_layers(model))} converted layers)"
         print(f"{args.engine} on {world} ranks ({dist.get_backend()}, {device.type}); tiny Mixtral, {args.layers} "
-              f"layers, hidden 128, {what}; per rank {args.batch} x {args.seq} tokens a step", flush=True)
+              f"layers, hidden 128, {what}, {'bf16' if args.bf16 else 'fp32'}; per rank {args.batch} x {args.seq} "
+              "tokens a step", flush=True)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -97,7 +101,8 @@ def main() -> None:
     for step, ids in enumerate(batches, 1):
         start = time.perf_counter()
         ids = ids.to(device)
-        loss = model(ids, labels=ids).loss
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16 and args.engine == "ddp"):
+            loss = model(ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
