@@ -58,6 +58,15 @@ def gathered_grads(model) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters() if p.grad is not None}
 
 
+def step_loss(model, ids: torch.Tensor, engine: str) -> torch.Tensor:
+    """The LM loss; under fsdp2-bf16 plus the router's load-balancing loss and a loss on every hidden state (what
+    Hugging Face collects from inside and between the converted layers must come through FSDP2's casts too)."""
+    if engine != "fsdp2-bf16":
+        return lm_loss(model, ids)
+    out = model(ids, labels=ids, output_hidden_states=True, output_router_logits=True)
+    return out.loss + out.aux_loss + sum(h.float().pow(2).mean() for h in out.hidden_states)
+
+
 def _rank_step(rank: int, engine: str, model_name: str, init_method: str, out_dir: str) -> None:
     """One rank: convert, wrap (make_reversible first), one training step on its half of the global batch."""
     torch.set_num_threads(1)
@@ -80,7 +89,7 @@ def _rank_step(rank: int, engine: str, model_name: str, init_method: str, out_di
         else:
             model = DistributedDataParallel(model)
             model.register_comm_hook(reduced, _counting_allreduce)
-        loss = lm_loss(model, ids)
+        loss = step_loss(model, ids, engine)
         nodes = reversible_nodes(loss)
         result = {
             "loss": loss.item(),
@@ -101,7 +110,7 @@ def _rank_step(rank: int, engine: str, model_name: str, init_method: str, out_di
         if engine == "fsdp2-bf16":  # the same step under ordinary autograd (the same FSDP2 casts and reductions)
             model.zero_grad(set_to_none=True)
             with revcompile.disable_inversion():
-                reference = lm_loss(model, ids)
+                reference = step_loss(model, ids, engine)
                 reference.backward()
             result["reference_loss"], result["reference_grads"] = reference.item(), gathered_grads(model)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
@@ -170,7 +179,8 @@ def test_fsdp2_mixed_precision_keeps_bf16_exact(tmp_path):
 
     FSDP2 casts each sharded layer's floating-point inputs to bf16 (cast_forward_inputs), the packed integer
     streams too: the loss was nan on both ranks until a layer takes its run's streams from behind the cast
-    (runtime/layer.py `_before_cast`).
+    (runtime/layer.py `_before_cast`); the loss here includes the load-balancing loss and every hidden state
+    (`step_loss`), which were nan too until the hidden states followed the cast.
     """
     ranks = run_ranks("fsdp2-bf16", "mixtral", tmp_path)
     for r in ranks:

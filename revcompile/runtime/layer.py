@@ -206,7 +206,8 @@ def _before_cast(hidden: torch.Tensor) -> torch.Tensor:
     if original is None or original.shape != hidden.shape:
         return hidden
     packed = _GradientTo.apply(hidden, original.detach())
-    setattr(packed, SLOT, slot)
+    for name in (SLOT, HIDDEN_STATE):
+        setattr(packed, name, getattr(original, name, None))
     return packed
 
 
@@ -557,13 +558,19 @@ class LayerRuntime(StreamRuntime):
         return self.run_reversible(branches, hidden, values, params, layer.training, collector,
                                    reconstruction_observer(layer, hidden))
 
+
 def _record_hidden_state(collected: list, packed: torch.Tensor) -> None:
     """Hugging Face's output hook recorded the previous converted layer's output, packed streams, as its hidden
     state (`output_hidden_states=True`): put in its place the hidden state those streams merge into, which that
     layer made for it (the layer's output a run ending there would return; in training, an output of its
-    reversible Function, so a loss on it reaches backward). An entry the call did not select (None) stays."""
-    if collected and collected[-1] is not None and (collected[-1] is packed or collected[-1] is packed._base):
-        collected[-1] = _tag_of(packed, HIDDEN_STATE)  # (FSDP2 hands a layer a view of the output: `_tag_of`)
+    reversible Function, so a loss on it reaches backward). An entry the call did not select (None) stays.
+    (FSDP2 hands a layer a view of that output, or a cast of it taken back by `_before_cast`: the same slot.)"""
+    previous = collected[-1] if collected else None
+    if previous is None:
+        return
+    slot = _tag_of(previous, SLOT)
+    if previous is packed or previous is packed._base or (slot is not None and slot is _tag_of(packed, SLOT)):
+        collected[-1] = _tag_of(packed, HIDDEN_STATE)
 
 
 class ReversibleLayer:
