@@ -203,8 +203,8 @@ def _before_cast(hidden: torch.Tensor) -> torch.Tensor:
         return hidden
     slot = getattr(getattr(cast.next_functions[0][0], "call", None), "out_slot", None)
     original = slot.output() if isinstance(slot, Slot) and slot.output is not None else None
-    if original is None or original.shape != hidden.shape:
-        return hidden
+    if original is None or (original.shape, original.device) != (hidden.shape, hidden.device):
+        return hidden  # (a copy to another device is no cast: a run does not span devices)
     packed = _GradientTo.apply(hidden, original.detach())
     for name in (SLOT, HIDDEN_STATE):
         setattr(packed, name, getattr(original, name, None))
