@@ -4,6 +4,8 @@
 with ordinary autograd); `report.exact` is True only when every rebuilt input equals the forward's bits.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -122,7 +124,8 @@ def test_tiny_values_are_exact():
 
 def test_a_stream_that_outgrows_the_grid_raises_never_wraps():
     """No room above the input's largest value: the first branch output that adds to it must raise, in the
-    reversible forward, in the reference and in eval, naming the option that gives more room."""
+    reversible forward, in the reference and in eval, naming the option that gives more room; a run that comes
+    within 16x of the range warns first."""
     model = plain(torch.bfloat16, exact_headroom=0)
     ids = token_batch(model, seq=16)
     model.train()
@@ -132,9 +135,14 @@ def test_a_stream_that_outgrows_the_grid_raises_never_wraps():
         model(ids)
     with torch.no_grad(), pytest.raises(RevcompileError, match="exact_headroom"):
         model.eval()(ids)
+    close = plain(torch.bfloat16, exact_headroom=4)  # (measured: headroom 2 and 4 warn, 6 and more do not)
+    with pytest.warns(UserWarning, match=r"within 16x of the integer range.*exact_headroom=12"):
+        close.train()(ids).float().sum().backward()
     roomy = plain(torch.bfloat16, exact_headroom=8)
     roomy.train()
-    roomy(ids).float().sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 8 bits of room: no warning
+        roomy(ids).float().sum().backward()
 
 
 def test_a_branch_output_that_is_not_finite_raises_never_becomes_an_integer():

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -46,6 +47,7 @@ BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float3
 CARRIER = {torch.int32: torch.float32, torch.int64: torch.float64}  # the float type an int stream travels as
 DEFAULT_HEADROOM = {torch.int32: 16, torch.int64: 24}
 MAX_SHIFT = 120  # 2**±120 stays a normal number in float32, the arithmetic type of 16- and 32-bit models
+NEAR_LIMIT = 2.0 ** -4  # a run whose streams reach this fraction of the integer range warns (raise_if_overflowed)
 
 
 @dataclass
@@ -129,7 +131,18 @@ class FixedPoint:
         self.overflow = torch.maximum(self.overflow, bound)
 
     def raise_if_overflowed(self) -> None:
-        if not bool(self.overflow < self.limit):  # (nan compares False)
+        """Raise where a stream left the integer range; warn (once) where one came within NEAR_LIMIT of it.
+
+        NOTE: streams that grow during training (activations that grow as a fine-tune goes on) end in this error
+        at some step; the warning comes first, while there is room, so that a long run can be restarted with more
+        headroom before it stops."""
+        bound = float(self.overflow)  # (one host synchronisation per run)
+        if bound >= NEAR_LIMIT * self.limit and bound < self.limit:
+            warnings.warn(f"exact streams: a run's values came within {round(1 / NEAR_LIMIT)}x of the integer range "
+                          "of their grid; if they grow further training stops with a RevcompileError: pass "
+                          f"make_reversible(..., exact_headroom={self.headroom + 8}) (a coarser grid, more room)",
+                          stacklevel=2)
+        if not bound < self.limit:  # (nan compares False)
             raise RevcompileError(
                 f"exact streams: a reversible stream left the {str(self.int_dtype).replace('torch.', '')} range, or a "
                 "branch returned a value that is not finite (inf or nan). The run's grid was chosen from its input's "
