@@ -140,7 +140,7 @@ class FixedPoint:
         if bound >= NEAR_LIMIT * self.limit and bound < self.limit:
             warnings.warn(f"exact streams: a run's values came within {round(1 / NEAR_LIMIT)}x of the integer range "
                           "of their grid; if they grow further training stops with a RevcompileError: pass "
-                          f"make_reversible(..., exact_headroom={self.headroom + 8}) (a coarser grid, more room)",
+                          f"make_reversible(..., exact_headroom={self.headroom + 4}) (a coarser grid, more room)",
                           stacklevel=2)
         if not bound < self.limit:  # (nan compares False)
             raise RevcompileError(
