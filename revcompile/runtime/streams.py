@@ -147,7 +147,7 @@ class FixedPoint:
                 f"exact streams: a reversible stream left the {str(self.int_dtype).replace('torch.', '')} range, or a "
                 "branch returned a value that is not finite (inf or nan). The run's grid was chosen from its input's "
                 f"largest value with {self.headroom} bits of room for growth; pass make_reversible(..., "
-                f"exact_headroom={self.headroom + 8}) (a coarser grid, more room), or max_run=k for shorter runs, or "
+                f"exact_headroom={self.headroom + 4}) (a coarser grid, more room), or max_run=k for shorter runs, or "
                 "exact=False; a branch output that is not finite is the model's own overflow: it would reach the "
                 "loss as nan without revcompile")
 
