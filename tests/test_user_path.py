@@ -45,6 +45,20 @@ def test_trained_converted_model_reloads_exactly(scheme, tmp_path):
             revcompile.undo(reloaded)
 
 
+def trainer_run(model, out, resume: str | None = None) -> torch.Tensor:
+    """4 Trainer steps (a checkpoint every 2), from `resume` if given; every parameter afterwards, flattened."""
+    from transformers import Trainer, TrainingArguments
+
+    model.config.use_cache = False
+    rows = token_batch(model, batch=8, seq=12, seed=3)
+    args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, seed=0,
+                             data_seed=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train(
+        resume_from_checkpoint=resume)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_trainer_run_resumes_from_its_checkpoint_exactly(dtype, tmp_path):
     """Preempted and resumed: the model loaded from the checkpoint with revcompile.from_pretrained, then
@@ -55,27 +69,33 @@ def test_a_trainer_run_resumes_from_its_checkpoint_exactly(dtype, tmp_path):
     the saved expert keys back (transformers#48805, open in 5.24): on a model built afresh it leaves every expert
     and router weight as initialised, converted or not; hence from_pretrained first (README, "Resuming").
     """
-    from transformers import Trainer, TrainingArguments
-
-    def run(model, out, resume=None):
-        model.config.use_cache = False
-        rows = token_batch(model, batch=8, seq=12, seed=3)
-        args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
-                                 seed=0, data_seed=0, disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train(
-            resume_from_checkpoint=resume)
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
-
     from transformers import AutoModelForCausalLM
 
     make_model("mixtral", torch.float32, layers=2).save_pretrained(tmp_path / "pretrained")
     # (loaded as a user does: a model cast with .to(bf16) would hold its rotary frequencies in bf16 too)
     pretrained = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained", dtype=dtype, **TINY_KERNELS)
     start = torch.cat([p.detach().flatten() for p in pretrained.parameters()])
-    uninterrupted = run(revcompile.make_reversible(pretrained), tmp_path / "a")
+    uninterrupted = trainer_run(revcompile.make_reversible(pretrained), tmp_path / "a")
     checkpoint = str(tmp_path / "a" / "checkpoint-2")
-    resumed = run(revcompile.from_pretrained(checkpoint, dtype=dtype, **TINY_KERNELS), tmp_path / "b", checkpoint)
+    resumed = trainer_run(revcompile.from_pretrained(checkpoint, dtype=dtype, **TINY_KERNELS), tmp_path / "b",
+                          checkpoint)
+    assert not torch.equal(uninterrupted, start)
+    assert torch.equal(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lora_trainer_run_resumes_from_its_checkpoint_exactly(dtype, tmp_path):
+    """LoRA (PEFT) on a converted model: the Trainer's own resume loads the adapters into the model the run started
+    from (the checkpoint holds only them), and they end as in the uninterrupted run, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora():
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        return revcompile.make_reversible(get_peft_model(make_model("mixtral", dtype, layers=2), config))
+
+    start = torch.cat([p.detach().flatten() for p in lora().parameters()])
+    uninterrupted = trainer_run(lora(), tmp_path / "a")
+    resumed = trainer_run(lora(), tmp_path / "b", str(tmp_path / "a" / "checkpoint-2"))
     assert not torch.equal(uninterrupted, start)
     assert torch.equal(resumed, uninterrupted)
 
