@@ -66,13 +66,12 @@ class Slot:
     """Holds one inter-layer tensor between the layer that made it and the backward that needs it, and the run's
     stream arithmetic (`streams`), which the next layer of the run continues with."""
 
-    __slots__ = ("tensor", "owned", "streams", "output")
+    __slots__ = ("tensor", "owned", "streams")
 
     def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
         self.owned = False  # True once it holds a reconstruction that only revcompile can see
         self.streams: FloatStreams | None = None
-        self.output: Callable[[], torch.Tensor | None] | None = None  # a weak reference to the layer's output
 
     def refill(self, tensor: torch.Tensor) -> None:
         self.tensor, self.owned = tensor, True

@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -194,20 +193,19 @@ def _before_cast(hidden: torch.Tensor) -> torch.Tensor:
     NOTE: FSDP2's MixedPrecisionPolicy (with cast_forward_inputs, its default) casts every floating-point input of a
     sharded layer to param_dtype. Exact streams travel between layers as int32 bits in a float32 tensor: cast to
     bf16 they became numbers, and the loss nan. The cast's autograd node leads back to the reversible Function
-    that made them, whose slot keeps a weak reference to its output (alive in the model's layer loop): its bits go
-    on, and their gradient back through the cast and FSDP's hooks (`_GradientTo`; the streams' gradients are
-    values of the model's dtype, so the cast does not round them).
+    that made them, whose slot still holds their bits (the next layer empties it): those go on, and their gradient
+    back through the cast and FSDP's hooks (`_GradientTo`; the streams' gradients are values of the model's dtype,
+    so the cast does not round them).
     """
     cast = _viewed(hidden).grad_fn
     if cast is None or type(cast).__name__ != "ToCopyBackward0" or _tag_of(hidden, SLOT) is not None:
         return hidden
     slot = getattr(getattr(cast.next_functions[0][0], "call", None), "out_slot", None)
-    original = slot.output() if isinstance(slot, Slot) and slot.output is not None else None
-    if original is None or (original.shape, original.device) != (hidden.shape, hidden.device):
+    bits = slot.tensor if isinstance(slot, Slot) else None
+    if bits is None or (bits.shape, bits.device) != (hidden.shape, hidden.device):
         return hidden  # (a copy to another device is no cast: a run does not span devices)
-    packed = _GradientTo.apply(hidden, original.detach())
-    for name in (SLOT, HIDDEN_STATE):
-        setattr(packed, name, getattr(original, name, None))
+    packed = _GradientTo.apply(hidden, bits)
+    setattr(packed, SLOT, slot)
     return packed
 
 
@@ -384,7 +382,6 @@ class StreamRuntime:
             in_slot.tensor = None  # the previous layer's output is ours now; backward rebuilds it (see function.py)
         if call.out_slot is not None:
             setattr(out, SLOT, call.out_slot)
-            call.out_slot.output = weakref.ref(out)
         return out
 
 
@@ -570,7 +567,7 @@ def _record_hidden_state(collected: list, packed: torch.Tensor) -> None:
         return
     slot = _tag_of(previous, SLOT)
     if previous is packed or previous is packed._base or (slot is not None and slot is _tag_of(packed, SLOT)):
-        collected[-1] = _tag_of(packed, HIDDEN_STATE)
+        collected[-1] = _tag_of(previous, HIDDEN_STATE)
 
 
 class ReversibleLayer:
