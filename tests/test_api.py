@@ -1,5 +1,7 @@
 """The Python API: conversion in place, undo, inference, and clear errors that leave the model unchanged."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -49,11 +51,17 @@ def test_single_layer_conversion_is_exact():
         assert torch.allclose(model(ids).logits, before, rtol=1e-10, atol=1e-10)
 
 
-def test_eval_and_no_grad_run_no_inversion():
+def test_eval_and_no_grad_run_no_inversion(monkeypatch):
+    """Eval mode with gradients enabled (a loop that forgot model.train() after evaluating) runs without inversion,
+    as Hugging Face checkpointing does, and says so once."""
+    from revcompile.runtime import layer as layer_module
+
+    monkeypatch.setattr(layer_module, "_state", threading.local())  # (this thread's notice not yet given)
     model = revcompile.make_reversible(make_model("mixtral"))
     ids = token_batch(model)
     model.eval()
-    assert lm_loss(model, ids).grad_fn.name() != "ReversibleCouplingBackward"
+    with pytest.warns(UserWarning, match=r"eval mode with gradients enabled.*model\.train\(\)"):
+        assert lm_loss(model, ids).grad_fn.name() != "ReversibleCouplingBackward"
     from conftest import count_reversible_nodes
 
     assert count_reversible_nodes(lm_loss(model, ids)) == 0

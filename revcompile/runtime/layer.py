@@ -543,6 +543,14 @@ class LayerRuntime(StreamRuntime):
             values = [None if _is_cache(v) else v for v in values]
         if not any(_is_cache(v) for v in values):  # a cache would be updated by the check
             self._check_layout(layer, branches, hidden, values)
+        wants_grad = self.invert and not inversion_disabled() and torch.is_grad_enabled() and bool(params)
+        if wants_grad and not layer.training and not getattr(_state, "eval_notice", 0):
+            # NOTE: a custom loop that evaluates with model.eval() and forgets model.train() trains on in eval mode,
+            # where the layers run coupled with ordinary autograd, as Hugging Face checkpointing switches off in eval
+            warnings.warn("a converted layer ran in eval mode with gradients enabled: in eval mode converted layers "
+                          "run without inversion and keep their activations like plain training; call model.train() "
+                          "before training steps (or torch.no_grad() for evaluation)", stacklevel=3)
+            _state.eval_notice = 1
         reversible = (self.invert and not inversion_disabled() and layer.training and torch.is_grad_enabled()
                       and (hidden.requires_grad or bool(params)))
         if not reversible:
