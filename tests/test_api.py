@@ -70,6 +70,30 @@ def test_eval_and_no_grad_run_no_inversion(monkeypatch):
         assert lm_loss(model, ids).grad_fn is None
 
 
+def test_a_model_on_the_meta_device_converts_once_materialized():
+    """Built on the meta device (as for FSDP2 at scale): a clear error that says to materialize it first; after
+    to_empty and an initialisation, converted, then loaded with the real weights, it computes what the model converted
+    with them does (the analysis needs finite values, not which)."""
+    real = make_model("mixtral", torch.float32, layers=2)
+    with torch.device("meta"):
+        model = type(real)(real.config)
+    with pytest.raises(RevcompileError, match="meta device .*materialize it first"):
+        revcompile.make_reversible(model)
+    model.to_empty(device="cpu")  # (uninitialised memory: initialised before the analysis runs the model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))  # (what uninitialised memory may hold)
+    with pytest.raises(RevcompileError, match="gave nan in the hidden states .*initialise or load them first"):
+        revcompile.make_reversible(model)
+    model.init_weights()
+    for name, buffer in real.named_buffers():  # (the rotary frequencies: not in the state dict)
+        model.get_buffer(name).copy_(buffer)
+    revcompile.make_reversible(model)
+    model.load_state_dict(real.state_dict())
+    revcompile.make_reversible(real)
+    ids = token_batch(real)
+    assert torch.equal(lm_loss(model, ids), lm_loss(real, ids))
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda: revcompile.make_reversible("mixtral"), "expected a torch.nn.Module"),
     (lambda: revcompile.make_reversible(nn.Linear(4, 4)), "no token embedding"),

@@ -209,6 +209,11 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
         with torch.no_grad(), eval_mode(model), reads:
             model(*example[0], **example[1])
     except Exception as err:
+        if any(p.is_meta for p in model.parameters()):  # (not refused before the run: offloading hooks load them)
+            raise RevcompileError(f"{type(model).__name__}'s parameters are on the meta device and the probe run "
+                                  f"failed ({type(err).__name__}: {err}): revcompile runs the model once to find "
+                                  "and trace its layers; materialize it first (model.to_empty(device=...) and load "
+                                  "or initialise its weights), then convert it, then shard it") from err
         raise RevcompileError(f"the probe run of {type(model).__name__} failed ({type(err).__name__}: {err}); pass "
                               "example_inputs that the model accepts") from err
     finally:
@@ -228,6 +233,11 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
         chained = all(_first_tensor(record[i].output) is hidden_in[i + 1] for i in range(len(record) - 1))
         shaped = all(getattr(_first_tensor(r.output), "shape", None) == h.shape for r, h in zip(record, hidden_in))
         if chained and shaped:
+            if any(h.isnan().any() for h in hidden_in):
+                raise RevcompileError(f"the probe run of {type(model).__name__} gave nan in the hidden states entering "
+                                      f"{name}: revcompile decides how to convert the layers from this run; if the "
+                                      "weights are not initialised (memory from to_empty), initialise or load them "
+                                      "first")
             stacks.append(Stack(name, modules, record, _read_elsewhere(record, reads, outer_calls, names)))
     return stacks
 
