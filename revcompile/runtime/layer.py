@@ -101,9 +101,9 @@ def _tag_of(hidden: torch.Tensor, name: str) -> Any:
     into views. Without looking at the view's base the previous layer's output would stay in its slot until
     backward, and memory would grow with depth again.
     """
-    tag = getattr(hidden, name, None)
-    if tag is None and _viewed(hidden) is not hidden:
-        tag = getattr(_viewed(hidden), name, None)
+    tag, viewed = getattr(hidden, name, None), _viewed(hidden)
+    if tag is None and viewed is not hidden:
+        tag = getattr(viewed, name, None)
     return tag
 
 
@@ -119,8 +119,6 @@ def _viewed(hidden: torch.Tensor) -> torch.Tensor:
 # attributes of a converted layer's packed output: its Slot, the exact reference's integer state, and the hidden
 # state the streams merge into (made while Hugging Face collects hidden states: `LayerRuntime._run`)
 SLOT, EXACT_REFERENCE, HIDDEN_STATE = "_revcompile_slot", "_revcompile_exact", "_revcompile_hidden_state"
-
-
 
 
 def splits_by_branch(scheme: Scheme, form: str, by_token: list[bool], by_sequence: list[bool],
