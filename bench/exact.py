@@ -76,6 +76,8 @@ def main() -> None:
         return kernels(args.device, args.out)
     if args.headroom:
         return headroom(args.families, args.out)
+    if args.scheme_family not in args.families:  # (its symplectic row comes from the family table)
+        parser.error(f"--scheme-family {args.scheme_family} must be one of --families")
 
     jobs = [(f, "symplectic", e, p) for f in args.families for p in PRECISIONS for e in (True, False)]
     jobs += [(args.scheme_family, s, e, p) for s, e in SCHEMES if s != "symplectic" for p in PRECISIONS]
@@ -110,13 +112,20 @@ def main() -> None:
             f"{args.layers} layers\n\n{scheme_table}\n\nMEFT's steps multiply a stream by 0.1: integers cannot undo "
             "that exactly, so MEFT runs on float streams (exact=True is refused with that reason).\n\n"
             "## cost, bf16 training step (tiny Mixtral hidden 128, batch 4 x 512, CPU)\n\n" + cost_table + "\n")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "exact.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "exact.json"), "w") as f:
-        json.dump({"precision": rows, "cost": costs}, f, indent=1)
+    write(args.out, "exact", text, {"precision": rows, "cost": costs})
     plot(rows, args.families, os.path.join(args.out, "exact.png"), args.layers)
+
+
+def write(out: str, stem: str, text: str, data) -> str:
+    """Write `text` to out/stem.md and `data` to out/stem.json, print the text; returns out/stem."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, stem)
+    with open(path + ".md", "w") as f:
+        f.write(text)
+    with open(path + ".json", "w") as f:
+        json.dump(data, f, indent=1)
     print(text)
+    return path
 
 
 def headroom(families: list[str], out: str, layers: int = 8, headrooms: tuple[int, ...] = (12, 16, 20, 24, 28)) -> None:
@@ -145,12 +154,7 @@ def headroom(families: list[str], out: str, layers: int = 8, headrooms: tuple[in
             "weights in bf16, batch 4 x 64, eval; the logits' relative error against the same weights in fp64 on "
             "float streams. Each headroom bit doubles the grid's step (values up to the run input's largest times "
             "2**headroom fit in int32).\n\n" + table + "\n")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "exact_headroom.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "exact_headroom.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print(text)
+    write(out, "exact_headroom", text, rows)
 
 
 def kernels(device: str, out: str, shape: tuple[int, ...] = (8, 1024, 1024)) -> None:
@@ -207,12 +211,7 @@ def kernels(device: str, out: str, shape: tuple[int, ...] = (8, 1024, 1024)) -> 
             "eager against `compiled_steps()` (what compile=True and the torch.compile backend run), 10 calls "
             f"each after a warm-up.\n\n{table}\n\nEager operators: " +
             "; ".join(f"{r['op']}: {r['eager_ops']}" for r in rows) + "\n")
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"exact_kernels_{device.split(':')[0]}")
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    with open(stem + ".json", "w") as f:
-        json.dump({"device": device, "shape": shape, "rows": rows}, f, indent=1)
+    stem = write(out, f"exact_kernels_{device.split(':')[0]}", text, {"device": device, "shape": shape, "rows": rows})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +230,6 @@ def kernels(device: str, out: str, shape: tuple[int, ...] = (8, 1024, 1024)) -> 
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
-    print(text)
 
 
 def plot(rows: list[dict], families: list[str], path: str, layers: int) -> None:
