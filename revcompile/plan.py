@@ -322,10 +322,12 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
         raise RevcompileError("part of this model is already converted by revcompile (make_reversible was called on "
                               "a submodule): analyze that submodule, or call revcompile.undo on it first")
     refuse_wrapped(model, f"revcompile converts the model before a distributed engine wraps it: {ORDER}")
-    stacks = find_stacks(model, example_call(model, example_inputs))
+    misses: list[str] = []
+    stacks = find_stacks(model, example_call(model, example_inputs), misses)
     if not stacks:
         raise RevcompileError(f"{type(model).__name__} has no layer stack (an nn.ModuleList whose layers are "
-                              "called in order on each other's output); nothing to convert")
+                              "called in order on each other's output); nothing to convert"
+                              + "".join(f"; {miss}" for miss in misses))
     names = {m: n for n, m in model.named_modules()}
     structures: dict[tuple, LayerStructure | NotReversible] = {}
     pairs, skipped = [], []

@@ -70,6 +70,16 @@ def test_eval_and_no_grad_run_no_inversion(monkeypatch):
         assert lm_loss(model, ids).grad_fn is None
 
 
+def test_a_model_that_changes_the_hidden_state_between_layers_says_where():
+    """RWKV halves its hidden state every `rescale_every` (6) layers in eval mode, where the probe runs: no stack, and
+    the error says which layers are not chained; without the rescaling (rescale_every=0) all 8 convert."""
+    with pytest.raises(RevcompileError, match=r"no layer stack.*layer 5's output is not what layer 6 is called on"):
+        revcompile.make_reversible(make_model("rwkv", torch.float32, layers=8))
+    model = make_model("rwkv", torch.float32, layers=8)
+    model.config.rescale_every = 0
+    assert len(revcompile.converted_layers(revcompile.make_reversible(model))) == 8
+
+
 def test_a_model_on_the_meta_device_converts_once_materialized():
     """Built on the meta device (as for FSDP2 at scale): a clear error that says to materialize it first; after
     to_empty and an initialisation, converted, then loaded with the real weights, it computes what the model converted

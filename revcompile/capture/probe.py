@@ -167,8 +167,12 @@ def _read_elsewhere(record: list[LayerCall], reads: _ReadsOutsideLayers,
     return found
 
 
-def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list[Stack]:
-    """Run `model(*args, **kwargs)` once (eval mode, no grad) and return the layer stacks it used, in order."""
+def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]], misses: list[str] | None = None
+                ) -> list[Stack]:
+    """Run `model(*args, **kwargs)` once (eval mode, no grad) and return the layer stacks it used, in order.
+
+    misses: if given, gets why a list whose layers each ran once on a hidden state is not a stack (a reason to
+    report when there is none)."""
     calls: dict[nn.Module, list[LayerCall]] = {}
     outer_calls: list[tuple[nn.Module, LayerCall]] = []  # the calls made while no list's child was running
     running: set[nn.Module] = set()
@@ -232,6 +236,10 @@ def find_stacks(model: nn.Module, example: tuple[tuple, dict[str, Any]]) -> list
             continue
         chained = all(_first_tensor(record[i].output) is hidden_in[i + 1] for i in range(len(record) - 1))
         shaped = all(getattr(_first_tensor(r.output), "shape", None) == h.shape for r, h in zip(record, hidden_in))
+        if not chained and misses is not None:
+            broken = next(i for i in range(len(record) - 1) if _first_tensor(record[i].output) is not hidden_in[i + 1])
+            misses.append(f"in {name}, layer {broken}'s output is not what layer {broken + 1} is called on (the model "
+                          "changes the hidden state between them)")
         if chained and shaped:
             if any(h.isnan().any() for h in hidden_in):
                 raise RevcompileError(f"the probe run of {type(model).__name__} gave nan in the hidden states entering "
