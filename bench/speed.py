@@ -60,8 +60,9 @@ LARGE_CUDA_CONFIG = dict(CUDA_CONFIG, hidden_size=2048, intermediate_size=512, n
 LARGE_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled", "revcompile", "revcompile-backend")
 SMALL = dict(CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, batch=2, seq=32)
+# FlopCounterMode, op count
 EAGER = ("plain", "checkpointing", "selective", "revcompile", "revcompile-unchunked", "revcompile-float",
-         "revcompile-reference", "checkpointing-chunked", "revcompile-original-head")  # FlopCounterMode, op count
+         "revcompile-reference", "checkpointing-chunked", "revcompile-original-head", "revcompile-record-all")
 # the layers alone: revcompile and HF checkpointing with the same LM head (its chunked one, or HF's)
 SAME_HEAD = (("revcompile", "checkpointing-chunked"), ("revcompile-original-head", "checkpointing"))
 COMPILED = ("compiled", "checkpointing-compiled", "revcompile-compiled", "revcompile-backend")
@@ -281,6 +282,10 @@ def report(result: dict, stem: str, command: str) -> str:
             value, low, high = paired_ratio(times, method, versus)
             goals.append(f"{METHOD_LABELS[method]} / {METHOD_LABELS[versus]}: {value:.3f} (90 % interval "
                          f"{low:.3f}-{high:.3f}; the same LM head: the layers alone)")
+    if "revcompile-record-all" in median and "revcompile" in median:
+        value, low, high = paired_ratio(times, "revcompile", "revcompile-record-all")
+        goals.append(f"{METHOD_LABELS['revcompile']} / {METHOD_LABELS['revcompile-record-all']}: {value:.3f} (90 % "
+                     f"interval {low:.3f}-{high:.3f}; routing recorded inside the router alone)")
     if "revcompile-unchunked" in median and "checkpointing" in median:
         goals.append(f"{METHOD_LABELS['revcompile-unchunked']} / {METHOD_LABELS['checkpointing']}: "
                      f"{median['revcompile-unchunked'] / median['checkpointing']:.2f} (the MoE recompute in one piece: "

@@ -31,7 +31,7 @@ METHODS = ("plain", "checkpointing", "selective", "revcompile")
 # more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in 4 slices
 SPEED_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled", "selective", "revcompile",
                  "revcompile-unchunked", "revcompile-compiled", "revcompile-backend", "revcompile-float",
-                 "revcompile-reference", "checkpointing-chunked", "revcompile-original-head")
+                 "revcompile-reference", "checkpointing-chunked", "revcompile-original-head", "revcompile-record-all")
 # the whole step at a real vocabulary (bench/maxbatch.py): baselines with their default loss and with the chunked one
 HEAD_METHODS = ("plain", "checkpointing", "checkpointing-chunked", "revcompile-original-head", "revcompile")
 METHOD_LABELS = {
@@ -48,6 +48,7 @@ METHOD_LABELS = {
     "revcompile-reference": "revcompile's coupling, ordinary autograd (invert=False)",
     "checkpointing-chunked": "HF activation checkpointing + chunked loss",
     "revcompile-original-head": "revcompile, head=\"original\"",
+    "revcompile-record-all": "revcompile, routing recorded over every op (before)",
 }
 # A config where activations dominate (issue 2): tiny Mixtral, hidden 128, sdpa attention, fp32.
 MEMORY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -113,6 +114,14 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         import revcompile
 
         return revcompile.make_reversible(model, head="original")
+    if method == "revcompile-record-all":  # what the routing recorder cost when it looked at every op of a branch
+        import revcompile
+        from revcompile.api import converted_layers
+
+        revcompile.make_reversible(model)
+        for layer in converted_layers(model):
+            layer._revcompile.selection_scopes = None  # (runtime/replay.py: recorded over the whole call)
+        return model
     if method == "selective":
         # Hugging Face's per-layer checkpointing, with torch's selective policy: matmul and attention outputs are
         # kept, everything else (norms, activations, routing) is recomputed.

@@ -226,7 +226,8 @@ def _run_forward_branch(call: CouplingCall, branch, reads: list[torch.Tensor], c
     the with-grad graph the recompute runs (reads requiring grad as there; what it saves is freed with its output,
     inside this call)."""
     if not _one_graph(call):
-        return run_recorded(branch, (*reads, *context), rng=call.training)
+        scopes = None if call.runtime.compiled_branches else call.runtime.selection_scopes
+        return run_recorded(branch, (*reads, *context), rng=call.training, scopes=scopes, training=call.training)
     reads = [read.detach().requires_grad_(True) for read in reads]
     with torch.enable_grad():
         out, replay = run_recorded(branch, (*reads, *context), rng=call.training)

@@ -37,7 +37,7 @@ from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, step_
 from .hf_outputs import (GRADIENT_OUTPUTS, HIDDEN_STATES, ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole,
                          other_outputs_into, private_collector, runs_whole)
 from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
-from .replay import AutocastState
+from .replay import AutocastState, SelectionScopes
 from .slicing import SEQUENCE, TOKEN, BatchContext, Split
 from .streams import ExactStreams, FixedPoint, FloatStreams, exact_by_default
 
@@ -230,6 +230,8 @@ class StreamRuntime:
         self.inversions = InversionStats()
         self._float = FloatStreams(scheme)
         self.compiled_branches = compiled_branches  # compiled graphs (compile=True, the backend): see function.py
+        # where each eager branch makes its selections (replay.py); None: recorded over every op of a call
+        self.selection_scopes: SelectionScopes | None = SelectionScopes()
 
     def streams(self, hidden: torch.Tensor, previous: FloatStreams | None) -> FloatStreams:
         """This call's stream arithmetic. The run's first layer chooses it: exact streams when asked for, or (exact

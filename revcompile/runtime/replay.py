@@ -11,10 +11,17 @@ recorded indices (argmax and argsort: returns them), so gradients flow through t
 used. Classification also uses the recorder: a branch whose forward makes a selection is a router feeding experts,
 i.e. MoE.
 
+Where the recorder and replayer look: both are TorchFunctionModes, which cost a Python call per op they see. A
+branch's first recorded call (per mode, train or eval) looks at every op and notes in which module each selection
+was made; later calls look only inside the innermost module that made them all (`SelectionScopes`: Hugging Face's
+router, `gate`, a handful of ops out of the MoE branch's ~100) and not at all into a branch that made none
+(attention). The replay of a call looks where its recording looked.
+
 Autocast: the recompute runs under the autocast state of the forward (`AutocastState`), not the backward's.
 
 Example:
-    >>> out, replay = run_recorded(branch, (x,), rng=True)
+    >>> scopes = SelectionScopes()
+    >>> out, replay = run_recorded(branch, (x,), rng=True, scopes=scopes)
     >>> again = run_replayed(branch, (x,), replay)        # same dropout mask, same experts
 """
 
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import RevcompileError
@@ -103,11 +111,14 @@ def _selection_size(func, args: tuple, kwargs: dict) -> int:
 
 
 class RoutingRecorder(TorchFunctionMode):
-    """Records the indices of every selection (top-k, max along a dim) run under it, in call order."""
+    """Records the indices of every selection (top-k, max along a dim) run under it, in call order; with a
+    `calls` stack (`_ModuleCalls`), also the modules being called at each (`where`)."""
 
-    def __init__(self):
+    def __init__(self, calls: "_ModuleCalls | None" = None):
         super().__init__()
         self.choices: list[torch.Tensor] = []
+        self.where: list[tuple[nn.Module, ...]] = []
+        self._calls = calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -117,6 +128,8 @@ class RoutingRecorder(TorchFunctionMode):
         indices = _selected(func, args, kwargs, result)
         if indices is not None:
             self.choices.append(_compact(indices.detach(), _selection_size(func, args, kwargs)))
+            if self._calls is not None:
+                self.where.append(tuple(self._calls.stack))
         return result
 
 
@@ -188,21 +201,122 @@ class AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=False)
 
 
+class _ModuleCalls:
+    """While active: the modules being called, outermost first (`stack`), by global forward hooks."""
+
+    def __init__(self):
+        self.stack: list[nn.Module] = []
+
+    def _push(self, module: nn.Module, *_) -> None:
+        self.stack.append(module)
+
+    def _pop(self, module: nn.Module, *_) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    @contextmanager
+    def active(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        handles = [register_module_forward_pre_hook(self._push),
+                   register_module_forward_hook(self._pop, always_call=True)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def _inside(module: nn.Module, mode: TorchFunctionMode):
+    """`mode` active during every call of `module` in this block (and nowhere else)."""
+    def enter(*_) -> None:  # (a hook's return value would replace the module's input or output)
+        mode.__enter__()
+
+    def leave(*_) -> None:
+        mode.__exit__(None, None, None)
+
+    handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_NO_SELECTION = "no selection"  # a SelectionScopes entry: the branch's first call made none
+
+
+class SelectionScopes:
+    """Per branch, mode (train / eval) and input shape: where its selections are made, learned on its first
+    recorded call.
+
+    An entry is the innermost module whose calls made every selection of that call (a Hugging Face MoE's router,
+    `mlp.gate`; DeepSeek-V3.2's indexer in an attention branch), or the branch itself (selections in the branch's
+    own code, or in modules side by side), or `_NO_SELECTION` (attention, a dense FFN). Later calls record inside
+    that module alone, or not at all.
+
+    NOTE: what the first call shows is taken as the branch's habit: which ops a branch runs is fixed by its code,
+    its mode, its config (top-k, group-limited routing, PhiMoE's sparsemixer in training or eval) and the shapes it
+    is called on (a top-k over min(k, sequence length) keys), hence the key; not by the values it sees. A branch
+    that selected only on some values, outside the module its first call selected in, would have those choices
+    neither recorded nor replayed: with exact streams (bf16, the default there) the recompute sees the forward's
+    input bit for bit and chooses alike; with float streams a near tie could flip.
+    """
+
+    def __init__(self):
+        self._learned: dict[tuple[nn.Module, bool, torch.Size], nn.Module | str] = {}
+
+    def record(self, branch: nn.Module, args: tuple, training: bool) -> tuple[Any, list, nn.Module | None]:
+        """Call `branch(*args)`, recording its selections: (output, choices, the module they were recorded in; None:
+        the whole call)."""
+        key = (branch, training, args[0].shape)
+        scope = self._learned.get(key)
+        if scope is None:  # the first call: record everything, and where
+            with _ModuleCalls().active() as calls, RoutingRecorder(calls) as recorder:
+                out = branch(*args)
+            self._learned[key] = _innermost(recorder.where, branch) if recorder.choices else _NO_SELECTION
+            return out, recorder.choices, None
+        if scope is _NO_SELECTION:
+            return branch(*args), [], None
+        recorder = RoutingRecorder()
+        with _inside(scope, recorder):
+            out = branch(*args)
+        return out, recorder.choices, scope
+
+
+def _innermost(where: list[tuple[nn.Module, ...]], branch: nn.Module) -> nn.Module:
+    """The innermost module on every one of the call stacks `where` (the branch itself when none is common)."""
+    common = branch
+    for modules in zip(*where):
+        if any(module is not modules[0] for module in modules):
+            break
+        common = modules[0]
+    return common
+
+
 @dataclass
 class Replay:
-    """What one branch call needs to be recomputed exactly."""
+    """What one branch call needs to be recomputed exactly: its RNG state, its choices, and the module they were
+    recorded in (None: the whole call)."""
 
     rng: RngState | None = None
     routing: list[torch.Tensor] = field(default_factory=list)
+    scope: nn.Module | None = None
 
 
-def run_recorded(branch: Callable, args: tuple, rng: bool) -> tuple[Any, Replay]:
-    """Call `branch(*args)`, recording its top-k choices and (when `rng`) the RNG state before it."""
+def run_recorded(branch: Callable, args: tuple, rng: bool, scopes: SelectionScopes | None = None,
+                 training: bool = True) -> tuple[Any, Replay]:
+    """Call `branch(*args)`, recording its top-k choices and (when `rng`) the RNG state before it; with `scopes`
+    (an eager nn.Module branch), only where its selections are made (`SelectionScopes`), else over the whole call
+    (a compiled branch: Dynamo traces the mode, at no cost per op)."""
     replay = Replay(RngState.capture(args[0].device) if rng else None)
-    recorder = RoutingRecorder()
-    with recorder:
-        out = branch(*args)
-    replay.routing = recorder.choices
+    if scopes is not None:
+        out, replay.routing, replay.scope = scopes.record(branch, args, training)
+    else:
+        with RoutingRecorder() as recorder:
+            out = branch(*args)
+        replay.routing = recorder.choices
     if rng and replay.rng.same_as(RngState.capture(args[0].device)):
         replay.rng = None  # nothing to replay: do not keep ~5 KB per call until backward
     return out, replay
@@ -212,7 +326,10 @@ def run_replayed(branch: Callable, args: tuple, replay: Replay) -> Any:
     """Call `branch(*args)` with the RNG state and expert choices of the recorded call."""
     # NOTE: a call that made no selection (attention, a dense FFN) is recomputed without the replayer: a
     # TorchFunctionMode costs a Python call per op, and there is nothing to replay
-    replayer = RoutingReplayer(replay.routing) if replay.routing else nullcontext()
+    replayer = nullcontext()
+    if replay.routing:
+        mode = RoutingReplayer(replay.routing)
+        replayer = mode if replay.scope is None else _inside(replay.scope, mode)
     with (replay.rng.restored() if replay.rng else nullcontext()), replayer:
         return branch(*args)
 
