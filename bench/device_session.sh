@@ -35,6 +35,7 @@ part 210 python3 bench/gpu.py --out "$OUT" --budget-s 185 --methods checkpointin
     --batches 80 120 160 200 --head "$HEAD" --suffix "_$HEAD"
 # 3. step time, eager and compiled, against HF checkpointing (issue 15)
 part 170 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT" \
-    --methods plain compiled checkpointing checkpointing-compiled revcompile revcompile-compiled revcompile-backend
+    --methods plain compiled checkpointing checkpointing-compiled revcompile revcompile-compiled revcompile-backend \
+    revcompile-record-all
 # 4. the exact-stream step and undo, eager against compile=True's fused functions: kernels and time
 part 25 python3 bench/exact.py --kernels --device cuda --out "$OUT"
