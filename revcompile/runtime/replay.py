@@ -254,7 +254,8 @@ class SelectionScopes:
     An entry is the innermost module whose calls made every selection of that call (a Hugging Face MoE's router,
     `mlp.gate`; DeepSeek-V3.2's indexer in an attention branch), or the branch itself (selections in the branch's
     own code, or in modules side by side), or `_NO_SELECTION` (attention, a dense FFN). Later calls record inside
-    that module alone, or not at all.
+    that module alone (looked up at its path in the branch each call: a module replaced there is learned anew), or
+    not at all.
 
     NOTE: what the first call shows is taken as the branch's habit: which ops a branch runs is fixed by its code,
     its mode, its config (top-k, group-limited routing, PhiMoE's sparsemixer in training or eval) and the shapes it
@@ -265,17 +266,24 @@ class SelectionScopes:
     """
 
     def __init__(self):
-        self._learned: dict[tuple[nn.Module, bool, torch.Size], nn.Module | str] = {}
+        # (branch, training, input shape) -> (the module it selects in, or _NO_SELECTION; its path in the branch)
+        self._learned: dict[tuple[nn.Module, bool, torch.Size], tuple[nn.Module | str, str]] = {}
 
     def record(self, branch: nn.Module, args: tuple, training: bool) -> tuple[Any, list, nn.Module | None]:
         """Call `branch(*args)`, recording its selections: (output, choices, the module they were recorded in; None:
-        the whole call)."""
+        the whole call).
+
+        A module no longer found where it was (replaced after the first step: an adapter library wrapping the
+        router, a user's surgery) is learned anew, on this call; its hooks would never fire, and the branch's
+        selections would go unrecorded."""
         key = (branch, training, args[0].shape)
-        scope = self._learned.get(key)
+        scope, path = self._learned.get(key, (None, ""))
+        if scope is not None and scope is not _NO_SELECTION and _submodule(branch, path) is not scope:
+            scope = None
         if scope is None:  # the first call: record everything, and where
             with _ModuleCalls().active() as calls, RoutingRecorder(calls) as recorder:
                 out = branch(*args)
-            self._learned[key] = _innermost(recorder.where, branch) if recorder.choices else _NO_SELECTION
+            self._learned[key] = _innermost(recorder.where, branch) if recorder.choices else (_NO_SELECTION, "")
             return out, recorder.choices, None
         if scope is _NO_SELECTION:
             return branch(*args), [], None
@@ -285,14 +293,22 @@ class SelectionScopes:
         return out, recorder.choices, scope
 
 
-def _innermost(where: list[tuple[nn.Module, ...]], branch: nn.Module) -> nn.Module:
-    """The innermost module on every one of the call stacks `where` (the branch itself when none is common)."""
+def _submodule(branch: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return branch.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _innermost(where: list[tuple[nn.Module, ...]], branch: nn.Module) -> tuple[nn.Module, str]:
+    """The innermost module of `branch` on every one of the call stacks `where`, and its path in the branch (the
+    branch itself, "", when none is common)."""
     common = branch
     for modules in zip(*where):
         if any(module is not modules[0] for module in modules):
             break
         common = modules[0]
-    return common
+    return next(((module, name) for name, module in branch.named_modules() if module is common), (branch, ""))
 
 
 @dataclass
