@@ -3,13 +3,11 @@
 Families come from transformers' own auto-mapping (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), never a hand list. For
 each: a tiny config (`models.tiny_config`), random weights, two training steps with inversion (the second records
 routing only where the first found it) against the same converted model under `disable_inversion()`, in one of
-three precisions (`PRECISIONS`): float64 weights; bfloat16
-weights; float32 weights under bfloat16 autocast. The 16-bit runs use exact streams (the default there), so their
-gradients must equal the reference's bit for bit. In float64 two more checks: a copy converted with max_run=1
-computes the unconverted model's logits, loss, gradients and greedy generate() tokens (the rewrite of the layers and
-of the head changes nothing), and the model, trained one step, saved and loaded by `revcompile.from_pretrained`,
-computes the same logits. The
-outcome is one of
+three precisions (`PRECISIONS`): float64 weights; bfloat16 weights; float32 weights under bfloat16 autocast. The
+16-bit runs use exact streams (the default there), so their gradients must equal the reference's bit for bit. In
+float64 two more checks: a copy converted with max_run=1 computes the unconverted model's logits, loss, gradients
+and greedy generate() tokens (the rewrite of the layers and of the head changes nothing), and the model, trained
+one step, saved and loaded by `revcompile.from_pretrained`, computes the same logits. The outcome is one of
 
 - converted:   the gradients agree (relative to the largest reference gradient) within the bound,
 - mismatch:    they do not, or a float64 check fails (a defect),
@@ -319,7 +317,7 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
     try:
         # two steps with inversion: the first records routing over every op of a branch, the second only inside
         # the module where the first found its selections (runtime/replay.py); both must equal the reference
-        (_, first, calls), (_, grads, _) = _step(model, ids, False, precision), _step(model, ids, False, precision)
+        (_, first, calls), (_, second, _) = _step(model, ids, False, precision), _step(model, ids, False, precision)
         _, reference, _ = _step(model, ids, True, precision)
     except Exception:
         result.status, result.reason = CRASHED, "training step: " + traceback.format_exc(limit=-3)
@@ -332,15 +330,15 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
     if calls != used:
         result.status, result.reason = MISMATCH, f"{calls} reversible layer calls for {used} layers the loss uses"
         return result
-    if first.keys() != reference.keys() or grads.keys() != reference.keys():
-        differ = (first.keys() | grads.keys()) ^ reference.keys()
+    if first.keys() != reference.keys() or second.keys() != reference.keys():
+        differ = (first.keys() | second.keys()) ^ reference.keys()
         result.status, result.reason = MISMATCH, f"gradients of {sorted(differ)} differ"
         return result
     largest = max(float(g.abs().max()) for g in reference.values())
 
     def error(names) -> float:
         return max((float((run[n].double() - reference[n].double()).abs().max()) for n in names
-                    for run in (first, grads)), default=0.0) / max(largest, 1e-300)
+                    for run in (first, second)), default=0.0) / max(largest, 1e-300)
 
     result.error, result.layer_error = error(reference), error(reference.keys() & set().union(*in_layers))
     if result.bound == BIT_FOR_BIT:

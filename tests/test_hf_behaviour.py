@@ -66,7 +66,8 @@ def test_later_steps_record_and_replay_routing_inside_the_router_alone(select, m
     calls record (forward) and replay (backward) inside that module alone: Hugging Face Mixtral's router
     `mlp.gate`, a plain top-1 MoE's own forward (`ff`); attention branches not at all. The second step, recorded
     and replayed there, still matches the reference with near-tied routers on fp32 float streams (replay switched
-    off in the second step: 0.13 and 0.37-0.73 off, against 6e-7 and 5e-7 replayed; bound 1e-4). Routers replaced
+    off in the second step: 0.13 and 0.37-0.73 off; replayed 5e-7 to 7e-7 over 3 seeds and 1 and 2 threads; bound
+    1e-4). Routers replaced
     after that are found anew (recorded at the replaced ones, nothing was recorded: 0.13 off)."""
     from plain_models import near_tied_top1_lm
     from revcompile.runtime import replay

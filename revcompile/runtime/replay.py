@@ -12,10 +12,10 @@ used. Classification also uses the recorder: a branch whose forward makes a sele
 i.e. MoE.
 
 Where the recorder and replayer look: both are TorchFunctionModes, which cost a Python call per op they see. A
-branch's first recorded call (per mode, train or eval) looks at every op and notes in which module each selection
-was made; later calls look only inside the innermost module that made them all (`SelectionScopes`: Hugging Face's
-router, `gate`, a handful of ops out of the MoE branch's ~100) and not at all into a branch that made none
-(attention). The replay of a call looks where its recording looked.
+branch's first recorded call (per mode, train or eval, and input shape) looks at every op and notes in which module
+each selection was made; later calls look only inside the innermost module that made them all (`SelectionScopes`:
+Hugging Face's router, `gate`, a handful of ops out of the MoE branch's ~100) and not at all into a branch that made
+none (attention). The replay of a call looks where its recording looked.
 
 Autocast: the recompute runs under the autocast state of the forward (`AutocastState`), not the backward's.
 
