@@ -33,8 +33,8 @@ part 100 python3 bench/heads.py --device cuda --out "$OUT"
 HEAD=$(python3 -c "import liger_kernel" 2>/dev/null && echo liger || echo chunked)
 part 210 python3 bench/gpu.py --out "$OUT" --budget-s 185 --methods checkpointing-chunked revcompile \
     --batches 80 120 160 200 --head "$HEAD" --suffix "_$HEAD"
-# 3. step time, eager and compiled, against HF checkpointing (issue 15)
-part 170 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --rounds 5 --out "$OUT" \
+# 3. step time, eager and compiled, against HF checkpointing (issue 15), with the step split by phase
+part 170 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --breakdown --rounds 5 --out "$OUT" \
     --methods plain compiled checkpointing checkpointing-compiled revcompile revcompile-compiled revcompile-backend \
     revcompile-record-all
 # 4. the exact-stream step and undo, eager against compile=True's fused functions: kernels and time

@@ -9,6 +9,7 @@ checkpointing in the same mode (compiled compared with compiled); and the FLOPs 
     python bench/speed.py --small --out /tmp/s    # a dry run of the script, tiny config
     python bench/speed.py --profile               # also: where the time of a step goes, per method
     python bench/speed.py --cpu-seconds           # CPU seconds of one thread per step: steady on a loaded machine
+    python bench/speed.py --breakdown             # also: each method's step split by phase (bench/phases.py)
     python bench/speed.py --cpu-seconds --dtype bfloat16 --set batch=2 seq=256 --out bench/results/bf16
                                                   # another config: entries overridden
 
@@ -217,6 +218,10 @@ def measure(args: argparse.Namespace) -> dict:
               "clock": "CPU seconds" if args.cpu_seconds else "wall time"}
     if args.profile:
         result["profile"] = profile_table(trainers, [m for m in PROFILED if m in trainers])
+    if args.breakdown:
+        from phases import breakdown_table
+
+        result["breakdown"], result["phases"] = breakdown_table(trainers, args.methods, METHOD_LABELS)
     return result
 
 
@@ -306,6 +311,11 @@ def report(result: dict, stem: str, command: str) -> str:
         text += ("\n## Where the time goes\n\ntorch.profiler over two steps of each method: self time per op, per "
                  "step (calls per step in brackets); Python time outside ops is in no row, so totals fall short of "
                  f"the step.\n\n{result['profile']}\n")
+    if "breakdown" in result:
+        text += ("\n## Where the time goes, by phase\n\nNine more steps of each method (taking turns), each split "
+                 "into phases by timing the functions of `revcompile.runtime.function` that run them "
+                 "(`bench/phases.py`); a phase's time excludes the phases inside it, and 'outside the converted "
+                 f"layers' is what is left of the forward and of the backward.\n\n{result['breakdown']}\n")
     fig, ax = plt.subplots(figsize=(7.5, 4))
     ys = range(len(methods))[::-1]
     unit = "plain" if base else methods[0]  # a run without plain training is drawn against its first method
@@ -340,6 +350,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="the larger GPU config (LARGE_CUDA_CONFIG); methods "
                         "default to LARGE_METHODS, results to speed_<device>_large.*")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per method")
+    parser.add_argument("--breakdown", action="store_true", help="add each method's step split by phase "
+                        "(bench/phases.py)")
     parser.add_argument("--cpu-seconds", action="store_true", help="CPU: one thread, each step timed in the "
                         "process's CPU seconds (other processes on the machine barely move it), results to "
                         "speed_cpu_seconds.*")
@@ -353,6 +365,7 @@ def main() -> None:
     if any(len(pair) != 2 or pair[0] not in CONFIG or not pair[1].isdigit() for pair in pairs):
         parser.error(f"--set takes KEY=N with N a whole number and KEY one of {sorted(CONFIG)}; got {overrides}")
     args.set = {key: int(value) for key, value in pairs}
+    explicit_methods = bool(args.methods)
     args.methods = args.methods or list(LARGE_METHODS if args.large else SPEED_METHODS)
     allocator_unset = any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items())
     if args.device == "cpu" and not args.from_json and allocator_unset:
@@ -368,7 +381,11 @@ def main() -> None:
     command = "python bench/speed.py" + (f" --device {args.device}" if args.device != "cpu" else "") + \
         (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + (" --large" if args.large else "") + \
         (" --cpu-seconds" if args.cpu_seconds else "") + (" --small" if args.small else "") + \
-        (" --profile" if args.profile else "") + (" --set " + " ".join(overrides) if overrides else "")
+        (" --profile" if args.profile else "") + (" --breakdown" if args.breakdown else "") + \
+        (" --set " + " ".join(overrides) if overrides else "") + \
+        (f" --rounds {args.rounds}" if args.rounds != parser.get_default("rounds") else "") + \
+        (" --methods " + " ".join(args.methods) if explicit_methods else "") + \
+        (f" --out {os.path.relpath(args.out)}" if os.path.abspath(args.out) != RESULTS else "")
     text = report(result, stem, command)
     with open(stem + ".md", "w") as f:
         f.write(text)
