@@ -279,12 +279,16 @@ def test_trainer_with_gradient_accumulation_unchanged(tmp_path):
 
 
 def test_optimizer_in_backward_trains_like_a_normal_step():
-    """3 AdamW steps: stepped inside backward (one optimizer per parameter) against optimizer.step() after it,
-    on a converted model (reversible backward, chunked head, tied weights); no gradient is left allocated."""
+    """3 AdamW steps with a decaying learning rate: stepped inside backward (one optimizer per parameter, the rate
+    set by `set_lr`) against optimizer.step() after it, on a converted model (reversible backward, chunked head,
+    tied weights); no gradient is left allocated."""
     models = [converted("qwen3_moe", torch.float32, "chunked") for _ in range(2)]
     opt = torch.optim.AdamW(models[0].parameters(), lr=1e-2, weight_decay=0.1)
     in_backward = revcompile.optimizer_in_backward(models[1], torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     for i in range(3):
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 / (i + 1)
+        in_backward.set_lr(1e-2 / (i + 1))
         ids = token_batch(models[0], batch=2, seq=12, seed=i)
         models[0](ids, labels=ids).loss.backward()
         opt.step()
