@@ -298,6 +298,24 @@ def _hands_on(found: LayerStructure, call: LayerCall, following: LayerCall | Non
     return {position: FORM_ROLES[found.form][sources[position]] for position in sorted(sources)}
 
 
+def _forward_replaced(layer: nn.Module) -> str | None:
+    """Why a layer whose `forward` is set on the instance cannot convert, or None when it is not.
+
+    NOTE: conversion swaps the layer's class, and an instance attribute `forward` (accelerate's hooks when a
+    device_map spreads the model over devices or offloads it; a user's monkeypatch) takes precedence over the class's:
+    the layer would keep running its original forward while the plan called it converted.
+    """
+    if "forward" not in vars(layer):
+        return None
+    if hasattr(layer, "_hf_hook"):
+        return ("its forward is wrapped by accelerate's hooks (a device_map over several devices, or offloading), "
+                "which would run the original forward instead of the reversible one: load the model on one device "
+                "(device_map=None, or {'': 0}), or remove the hooks with "
+                "accelerate.hooks.remove_hook_from_module(model, recurse=True) once it is on one device")
+    return ("its forward is replaced on the module itself (an instance attribute `forward`), which would run instead "
+            "of the reversible class's: delete the attribute (del layer.forward) to convert it")
+
+
 def structure_key(layer: nn.Module, call: LayerCall) -> tuple:
     """Layers with equal keys trace to the same graph: class, children's classes, call signature, scalar attributes."""
     scalars = tuple(sorted((k, v) for k, v in vars(layer).items()
@@ -333,6 +351,10 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
     pairs, skipped = [], []
     for stack in stacks:
         for index, (layer, call) in enumerate(zip(stack.layers, stack.calls)):
+            replaced = _forward_replaced(layer)
+            if replaced:
+                skipped.append(Skipped(names[layer], replaced))
+                continue
             key = structure_key(layer, call)
             if key not in structures:
                 try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import revcompile
-from conftest import lm_loss, make_model, token_batch
+from conftest import count_reversible_nodes, lm_loss, make_model, token_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_KERNELS = dict(attn_implementation="eager", experts_implementation="eager")  # as tiny_config builds them
@@ -179,6 +179,37 @@ def test_hf_checkpointing_is_switched_off_on_converted_layers(order):
     assert attention_calls_per_step(model) == 4
     model.gradient_checkpointing_disable()
     assert attention_calls_per_step(model) == 2
+
+
+def test_a_layer_whose_forward_is_replaced_on_the_instance_is_left_alone_and_reported():
+    """The class swap cannot reach a layer whose `forward` is an instance attribute: it is left alone and reported
+    (before this check the plan counted it converted, and the step failed on a shape mismatch: the layer got its
+    run's packed streams). The two layers around it convert, each a run of its own, which computes the original."""
+    model, original = (make_model("mixtral", torch.float32, layers=3) for _ in range(2))
+    model.model.layers[1].forward = model.model.layers[1].forward  # a bound method, set on the instance
+    revcompile.make_reversible(model)
+    plan = model._revcompile_plan
+    assert [p.layer for p in plan.pairs] == ["model.layers.0", "model.layers.2"]
+    assert plan.skipped[0].layer == "model.layers.1" and "del layer.forward" in plan.skipped[0].reason
+    ids = token_batch(model)
+    loss = lm_loss(model, ids)
+    assert count_reversible_nodes(loss) == 2
+    assert abs(loss.item() - lm_loss(original, ids).item()) <= 1e-6 * loss.item()
+
+
+def test_a_model_dispatched_by_accelerate_is_a_clear_error(tmp_path):
+    """device_map over several devices or with offloading puts accelerate's hooks on every layer: nothing would
+    run reversibly, so make_reversible says so and what to do (it used to convert in name only: 0 reversible
+    layers in the step)."""
+    from transformers import AutoModelForCausalLM
+
+    make_model("mixtral", torch.float32, layers=2).save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                 offload_folder=tmp_path / "offload", **TINY_KERNELS)
+    with pytest.raises(revcompile.RevcompileError, match="accelerate's hooks.*device_map=None"):
+        revcompile.make_reversible(model)
 
 
 def test_readme_example_runs_without_warnings():
