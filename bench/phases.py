@@ -1,6 +1,7 @@
 """Where a reversible training step's time goes, by phase: the model outside the converted layers, the coupling's
-own bookkeeping (streams, slots, undo, gradient sums), the branch calls of forward, their recompute in backward, and
-the branches' backward (`torch.autograd.grad`), forward and backward apart. Used by `bench/speed.py --breakdown`.
+own bookkeeping (streams, slots, undo, gradient sums), the branch calls of forward, their recompute in backward and
+the branches' backward (`torch.autograd.grad`), or those two in one compiled call; forward and backward apart. Used
+by `bench/speed.py --breakdown`.
 
 The phases are timed by wrapping the functions of `revcompile.runtime.function` that run them, for the steps of the
 breakdown only; a phase's time excludes the phases timed inside it (a branch call inside the Function's forward is
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from revcompile.runtime import function
+from revcompile.runtime import compiled, function
 
 # (attribute of revcompile.runtime.function, phase while it runs outside another phase than its direction's own)
 WRAPPED = (("run_recorded", "branches (routing recorded)"), ("run_replayed", "branch recompute"),
@@ -32,6 +33,7 @@ WRAPPED = (("run_recorded", "branches (routing recorded)"), ("run_replayed", "br
 FUNCTION = "coupling's own work (streams, slots, undo, gradient sums)"
 OUTSIDE = "model outside the converted layers (embedding, masks, head, loss; autograd engine)"
 BRANCH_BACKWARD = "branches' backward (autograd.grad)"
+ONE_CALL = "branch recompute and backward in one compiled call"
 
 
 class PhaseClock:
@@ -73,17 +75,19 @@ class PhaseClock:
     @contextmanager
     def timing(self):
         """Wrap the runtime's functions (and torch.autograd.grad, which only the Function's backward calls in these
-        steps) while the block runs."""
+        steps; and a compiled branch's one-call recompute and backward) while the block runs."""
         saved = [(function, attr, getattr(function, attr)) for attr, _ in WRAPPED]
         saved += [(function.ReversibleCoupling, "forward", function.ReversibleCoupling.forward),
                   (function.ReversibleCoupling, "backward", function.ReversibleCoupling.backward),
-                  (torch.autograd, "grad", torch.autograd.grad)]
+                  (torch.autograd, "grad", torch.autograd.grad),
+                  (compiled.LayerBranch, "vjp", compiled.LayerBranch.vjp)]
         for attr, name in WRAPPED:
             setattr(function, attr, self._wrap(getattr(function, attr), name))
         function.ReversibleCoupling.forward = staticmethod(self._wrap(function.ReversibleCoupling.forward, FUNCTION))
         function.ReversibleCoupling.backward = staticmethod(self._wrap(function.ReversibleCoupling.backward,
                                                                        FUNCTION))
         torch.autograd.grad = self._wrap(torch.autograd.grad, BRANCH_BACKWARD)
+        compiled.LayerBranch.vjp = self._wrap(compiled.LayerBranch.vjp, ONE_CALL)
         try:
             yield self
         finally:
@@ -125,5 +129,5 @@ def breakdown_table(trainers: dict, methods: list[str], labels: dict[str, str], 
 
 def _order(name: str) -> tuple:
     direction, _, phase = name.partition(": ")
-    rank = [OUTSIDE, FUNCTION, *(n for _, n in WRAPPED), BRANCH_BACKWARD]
+    rank = [OUTSIDE, FUNCTION, *(n for _, n in WRAPPED), BRANCH_BACKWARD, ONE_CALL]
     return (direction != "forward", rank.index(phase) if phase in rank else len(rank), name)

@@ -66,7 +66,8 @@ EAGER = ("plain", "checkpointing", "selective", "revcompile", "revcompile-unchun
          "revcompile-reference", "checkpointing-chunked", "revcompile-original-head", "revcompile-record-all")
 # the layers alone: revcompile and HF checkpointing with the same LM head (its chunked one, or HF's)
 SAME_HEAD = (("revcompile", "checkpointing-chunked"), ("revcompile-original-head", "checkpointing"))
-COMPILED = ("compiled", "checkpointing-compiled", "revcompile-compiled", "revcompile-backend")
+COMPILED = ("compiled", "checkpointing-compiled", "revcompile-compiled", "revcompile-backend",
+            "revcompile-compiled-float", "revcompile-compiled-two-calls")
 PROFILED = ("plain", "checkpointing", "revcompile", "revcompile-unchunked", "compiled", "checkpointing-compiled",
             "revcompile-backend")
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -291,6 +292,11 @@ def report(result: dict, stem: str, command: str) -> str:
         value, low, high = paired_ratio(times, "revcompile", "revcompile-record-all")
         goals.append(f"{METHOD_LABELS['revcompile']} / {METHOD_LABELS['revcompile-record-all']}: {value:.3f} (90 % "
                      f"interval {low:.3f}-{high:.3f}; routing recorded inside the router alone)")
+    if "revcompile-compiled-float" in median and "revcompile-compiled-two-calls" in median:
+        value, low, high = paired_ratio(times, "revcompile-compiled-float", "revcompile-compiled-two-calls")
+        goals.append(f"{METHOD_LABELS['revcompile-compiled-float']} / "
+                     f"{METHOD_LABELS['revcompile-compiled-two-calls']}: {value:.3f} (90 % interval {low:.3f}-"
+                     f"{high:.3f}; a branch's recompute and backward in one compiled call)")
     if "revcompile-unchunked" in median and "checkpointing" in median:
         goals.append(f"{METHOD_LABELS['revcompile-unchunked']} / {METHOD_LABELS['checkpointing']}: "
                      f"{median['revcompile-unchunked'] / median['checkpointing']:.2f} (the MoE recompute in one piece: "

@@ -31,7 +31,8 @@ METHODS = ("plain", "checkpointing", "selective", "revcompile")
 # more ways to train, for speed (bench/speed.py): compiled ones, and revcompile recomputing MoE branches in 4 slices
 SPEED_METHODS = ("plain", "compiled", "checkpointing", "checkpointing-compiled", "selective", "revcompile",
                  "revcompile-unchunked", "revcompile-compiled", "revcompile-backend", "revcompile-float",
-                 "revcompile-reference", "checkpointing-chunked", "revcompile-original-head", "revcompile-record-all")
+                 "revcompile-reference", "checkpointing-chunked", "revcompile-original-head", "revcompile-record-all",
+                 "revcompile-compiled-float", "revcompile-compiled-two-calls")
 # the whole step at a real vocabulary (bench/maxbatch.py): baselines with their default loss and with the chunked one
 HEAD_METHODS = ("plain", "checkpointing", "checkpointing-chunked", "revcompile-original-head", "revcompile")
 METHOD_LABELS = {
@@ -49,6 +50,8 @@ METHOD_LABELS = {
     "checkpointing-chunked": "HF activation checkpointing + chunked loss",
     "revcompile-original-head": "revcompile, head=\"original\"",
     "revcompile-record-all": "revcompile, routing recorded over every op (before)",
+    "revcompile-compiled-float": "revcompile, compile=True, exact=False",
+    "revcompile-compiled-two-calls": "revcompile, compile=True, exact=False, recompute + backward in two calls",
 }
 # A config where activations dominate (issue 2): tiny Mixtral, hidden 128, sdpa attention, fp32.
 MEMORY_CONFIG = dict(model_type="mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -114,6 +117,14 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         import revcompile
 
         return revcompile.make_reversible(model, head="original")
+    if method in ("revcompile-compiled-float", "revcompile-compiled-two-calls"):
+        import revcompile
+        from revcompile.api import converted_layers
+
+        revcompile.make_reversible(model, compile=True, exact=False)
+        for layer in converted_layers(model):  # what a backward step cost as two calls (runtime/function.py)
+            layer._revcompile.one_call_recompute = method == "revcompile-compiled-float"
+        return model
     if method == "revcompile-record-all":  # what the routing recorder cost when it looked at every op of a branch
         import revcompile
         from revcompile.api import converted_layers

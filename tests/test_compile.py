@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 
 import revcompile
 from revcompile.models import TINY_FAMILIES
+from revcompile.runtime.compiled import LayerBranch
 from revcompile.runtime.layer import observe_reconstruction
 from revcompile.capture.tracer import dynamic_names
 from revcompile.errors import RevcompileError
@@ -158,10 +159,16 @@ def test_routing_is_replayed_inside_the_compiled_branch():
 
 
 @pytest.mark.parametrize("select, path", [("argmax", "compile=True"), ("sort", "compile=True"), ("argmax", "backend")])
-def test_compiled_branches_replay_argmax_and_sort_routers(select, path):
+def test_compiled_branches_replay_argmax_and_sort_routers(select, path, monkeypatch):
     """compile=True and the backend in fp32 (float streams) with a near-tied top-1 router that picks by argmax or
     sort: the compiled recompute replays the forward's choices (measured: worst gradient 4.7e-7 and 3.9e-7 off the
-    reference; 0.51 and 0.34 when those selections were not recorded)."""
+    reference; 0.51 and 0.34 when those selections were not recorded). With compile=True each branch's recompute
+    and backward run as one compiled call (torch.func.vjp, `compiled.BranchVjp`), the choices replayed inside it
+    (4.9e-7 to 5.3e-7 over 3 seeds, 1 and 2 threads, as in two calls; 0.51 when the replayer was entered around
+    the call instead of inside the function vjp transforms)."""
+    calls = []
+    vjp = LayerBranch.vjp
+    monkeypatch.setattr(LayerBranch, "vjp", lambda self, *args: calls.append(vjp(self, *args)) or calls[-1])
     model = near_tied_top1_lm(select)
     if path == "backend":
         model = torch.compile(model, backend="revcompile")
@@ -172,6 +179,19 @@ def test_compiled_branches_replay_argmax_and_sort_routers(select, path):
     ref_loss, _, ref = loss_and_grads(model, ids, reference=True)
     assert nodes == 6 and rel_err(loss, ref_loss) < LOSS_TOLERANCE
     assert max(rel_err(grads[n], ref[n]) for n in ref) < GRAD_TOLERANCE
+    if path == "compile=True":
+        assert len(calls) == 12 and all(c is not None for c in calls)  # 6 layers x 2 branches, one call each
+
+
+def test_a_branch_torch_func_cannot_trace_recomputes_in_two_calls():
+    """transformers' fp32 grouped_mm experts under Dynamo run a custom op that torch.func cannot transform: the
+    MoE branch's one-call graph fails to trace once and it recomputes in two calls; attention stays one call (the
+    training itself is checked against eager and the reference above)."""
+    _, compiled, *_ = compiled_run("mixtral")
+    runtime = revcompile.converted_layers(compiled)[0]._revcompile
+    trained = [branches for (_, training), (branches, _, _) in runtime._built.items() if training]
+    assert trained and all(b["attn"]._vjp.unsupported is None for b in trained)
+    assert all("fake tensor" in b["mlp"]._vjp.unsupported for b in trained)
 
 
 def test_backend_converts_and_trains_like_make_reversible(caplog):

@@ -12,6 +12,7 @@ import torch
 import revcompile
 from conftest import make_model, token_batch
 from revcompile.runtime import function
+from revcompile.runtime.compiled import LayerBranch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from phases import BRANCH_BACKWARD, FUNCTION, WRAPPED, phase_step  # noqa: E402
@@ -25,7 +26,7 @@ def test_phases_partition_a_reversible_step_and_leave_nothing_wrapped():
                               clock=time.perf_counter, cuda=False)
     wrapped = [(function, name) for name, _ in WRAPPED] + [(function.ReversibleCoupling, "forward"),
                                                            (function.ReversibleCoupling, "backward"),
-                                                           (torch.autograd, "grad")]
+                                                           (torch.autograd, "grad"), (LayerBranch, "vjp")]
     originals = [getattr(owner, name) for owner, name in wrapped]
     start = time.perf_counter()
     phases = phase_step(trainer)

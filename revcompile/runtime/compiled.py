@@ -27,11 +27,16 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
 
 COMPILE_OPTIONS = {"fallback_random": True}
 
@@ -69,19 +74,93 @@ def layer_function(branch: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(nn.Module(), graph, class_name="LayerFunction")
 
 
+def branch_vjp(apply: nn.Module, params: dict[str, torch.Tensor], reads: list[torch.Tensor], context: list,
+               g_out: torch.Tensor, replayer: TorchFunctionMode | None
+               ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """(output, gradients of `reads`, gradients of `params`) of one call `apply(*reads, *context)` by torch.func.vjp,
+    the forward's expert choices replayed by `replayer` (None: nothing to replay).
+
+    NOTE: the replayer is entered inside the function that vjp transforms: entered around the compiled call, as for
+    the other compiled branch calls, Dynamo does not trace it into the transform, and the recompute chose its own
+    experts (gradients 0.5 off the reference on a near-tied router, tests/test_compile.py).
+    """
+
+    def branch(p: dict, r: list) -> torch.Tensor:
+        with replayer if replayer is not None else nullcontext():
+            return torch.func.functional_call(apply, p, (*r, *context))
+
+    out, pull = torch.func.vjp(branch, params, reads)
+    g_params, g_reads = pull(g_out.to(out.dtype))
+    return out, g_reads, g_params
+
+
+class BranchVjp:
+    """`branch_vjp` compiled for one branch structure, shared by its layers: the recompute and its backward in one
+    graph, one call. `unsupported` says why Dynamo could not trace it (a custom autograd.Function that torch.func
+    cannot transform, a graph break): from then on that branch recomputes as the others do."""
+
+    def __init__(self, backend: str, options: dict | None):
+        graph = fx.Graph()  # a GraphModule calling branch_vjp: code of its own, so a cache of its own in Dynamo
+        graph.output(graph.call_function(branch_vjp, tuple(graph.placeholder(f"arg{i}") for i in range(6))))
+        self.compiled = torch.compile(fx.GraphModule(nn.Module(), graph, class_name="BranchVjp"), backend=backend,
+                                      options=options, fullgraph=True)
+        self.unsupported: str | None = None
+
+
+class _Apply(nn.Module):
+    """`fn(layer, *args)` as a module owning `layer`, so that torch.func.functional_call can hand it parameters."""
+
+    def __init__(self, fn: fx.GraphModule, layer: nn.Module):
+        super().__init__()
+        self.fn, self.layer = fn, layer
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(self.layer, *args)
+
+
 class LayerBranch(nn.Module):
-    """One layer's branch: the shared compiled layer function, called with this layer.
+    """One layer's branch: the shared compiled layer function, called with this layer; and `vjp`, its recompute and
+    backward in one shared compiled graph.
 
     The layer is held outside `_modules`, so the branch never owns (or re-registers) the layer's parameters.
     """
 
-    def __init__(self, compiled: Callable, layer: nn.Module, name: str):
+    def __init__(self, compiled: Callable, vjp: BranchVjp, fn: fx.GraphModule, layer: nn.Module, name: str):
         super().__init__()
         self.compiled, self.name = compiled, name
         self.__dict__["layer"] = layer
+        self.__dict__["_vjp"] = vjp
+        self.__dict__["_apply"] = _Apply(fn, layer)
+        # what the branch reads of the layer (children, parameters), by path
+        self._paths = [n.args[1] for n in fn.graph.nodes if n.op == "call_function" and n.target is _attr]
 
     def forward(self, *args: Any) -> Any:
         return self.compiled(self.layer, *args)
+
+    def vjp(self, reads: list[torch.Tensor], context: list, g_out: torch.Tensor,
+            replayer: TorchFunctionMode | None) -> tuple[torch.Tensor, list, dict] | None:
+        """(output, gradients of `reads`, {parameter: gradient}) of the branch at `reads`, for the layer's trainable
+        parameters it uses, in one compiled call; None where that graph cannot be traced (`BranchVjp`)."""
+        if self._vjp.unsupported is not None:
+            return None
+        params: dict[str, torch.Tensor] = {}
+        for path in self._paths:
+            value = _attr(self.layer, path)
+            found = value.named_parameters(prefix=path) if isinstance(value, nn.Module) else \
+                [(path, value)] if isinstance(value, nn.Parameter) else ()
+            params.update((f"layer.{name}", p) for name, p in found if p.requires_grad)
+        try:
+            out, g_reads, g_params = self._vjp.compiled(self._apply, params, reads, context, g_out, replayer)
+        except torch._dynamo.exc.TorchDynamoException as err:  # raised while tracing: nothing ran yet
+            self._vjp.unsupported = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.info("revcompile: the %s branch's recompute and backward stay two calls: %s", self.name,
+                     self._vjp.unsupported)
+            return None
+        grads: dict[torch.Tensor, torch.Tensor] = {}
+        for name, grad in g_params.items():  # (a parameter under two names, tied, gets the sum)
+            param = params[name]
+            grads[param] = grad if param not in grads else grads[param] + grad
+        return out, list(g_reads), grads
 
     def extra_repr(self) -> str:
         return f"{self.name}, compiled"
@@ -92,14 +171,17 @@ class BranchCompiler:
 
     def __init__(self, backend: str = "inductor"):
         self.backend = backend
-        self._compiled: dict[str, Callable] = {}
+        self._compiled: dict[str, tuple[Callable, BranchVjp, fx.GraphModule]] = {}
 
     def __call__(self, layer: nn.Module, branch: fx.GraphModule, name: str) -> LayerBranch:
         fn = layer_function(branch)
         if fn.code not in self._compiled:
             options = COMPILE_OPTIONS if self.backend == "inductor" else None
-            self._compiled[fn.code] = torch.compile(fn, backend=self.backend, options=options)
-        return LayerBranch(self._compiled[fn.code], layer, name)
+            # (the layer function is shared as well: `vjp` calls it inside its graph, where each layer's own copy,
+            # with code of its own, would be traced again)
+            self._compiled[fn.code] = (torch.compile(fn, backend=self.backend, options=options),
+                                       BranchVjp(self.backend, options), fn)
+        return LayerBranch(*self._compiled[fn.code], layer, name)
 
     def __len__(self) -> int:
         """How many distinct branch graphs were handed to torch.compile."""

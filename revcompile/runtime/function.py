@@ -41,6 +41,7 @@ it, so both kinds share this code.
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -49,9 +50,10 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..coupling import fixed_point, tolerance_bound
 from ..errors import RevcompileError
+from .compiled import LayerBranch
 from .hf_outputs import (GRADIENT_OUTPUTS, ROUTER_LOGITS, other_outputs_into, other_outputs_sink, private_collector,
                          runs_whole)
-from .replay import AutocastState, Replay, run_recorded, run_recorded_again, run_replayed
+from .replay import AutocastState, Replay, RoutingReplayer, run_recorded, run_recorded_again, run_replayed
 from .slicing import Piece, branch_pieces
 from .streams import FloatStreams
 
@@ -147,8 +149,19 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
     backpropagate `g_out` (and those of the outputs Hugging Face collected from it, and of the values it hands on:
     (position, gradient)).
 
-    Returns (branch output, gradients of reads, gradients of `wrt`); the branch's graph is gone on return.
+    Returns (branch output, gradients of reads, gradients of `wrt`); the branch's graph is gone on return. A compiled
+    branch on float streams does it in one compiled call where it can (`_one_call`), else: a recompute with grad,
+    then `autograd.grad`.
     """
+    branch = call.branches[step.branch]
+    if _one_call(call, branch, wrt, piece, collected_grads, carried_grads):
+        with call.autocast.restored(), private_collector(*GRADIENT_OUTPUTS), other_outputs_into({}), \
+                (replay.rng.restored() if replay.rng else nullcontext()):
+            fused = branch.vjp([read.detach() for read in reads], context, g_out,
+                               RoutingReplayer(replay.routing) if replay.routing else None)
+        if fused is not None:
+            out, g_reads, by_param = fused
+            return out, g_reads, [by_param.get(p) for p in wrt]
     reads = [read.detach().requires_grad_(True) for read in reads]
     with torch.enable_grad(), call.autocast.restored(), private_collector(*GRADIENT_OUTPUTS) as recorded, \
             other_outputs_into({}) as remade:
@@ -172,6 +185,19 @@ def _branch_vjp(call: CouplingCall, step, replay: Replay, reads: list[torch.Tens
     grad_outputs += [grad for _, grad in carried_grads]
     grads = torch.autograd.grad(outputs, [*reads, *wrt], grad_outputs, allow_unused=True)
     return out.detach(), list(grads[:len(reads)]), list(grads[len(reads):])
+
+
+def _one_call(call: CouplingCall, branch, wrt: list, piece: Piece | None, collected_grads: tuple,
+              carried_grads: list) -> bool:
+    """May a branch's recompute and backward run as one compiled call (`LayerBranch.vjp`)?
+
+    NOTE: on float streams only: exact streams need the recompute to return the forward's very bits (`_one_graph`),
+    and a graph that also computes the backward is another graph than the forward's. Not for slices, gradients that
+    come from outside the branch's output (collected router logits, values handed on) or context tensors that need
+    gradients: those take `autograd.grad` as before.
+    """
+    return (call.runtime.one_call_recompute and isinstance(branch, LayerBranch) and not call.streams.exact
+            and piece is None and not collected_grads and not carried_grads and len(wrt) == len(call.params))
 
 
 def _solve(call: CouplingCall, step, after: dict[str, torch.Tensor], context: list, replay: Replay):

@@ -232,6 +232,8 @@ class StreamRuntime:
         self.compiled_branches = compiled_branches  # compiled graphs (compile=True, the backend): see function.py
         # where each eager branch makes its selections (replay.py); None: recorded over every op of a call
         self.selection_scopes: SelectionScopes | None = SelectionScopes()
+        # a compiled branch's recompute and backward in one call where it can (function._one_call); False: two
+        self.one_call_recompute = True
 
     def streams(self, hidden: torch.Tensor, previous: FloatStreams | None) -> FloatStreams:
         """This call's stream arithmetic. The run's first layer chooses it: exact streams when asked for, or (exact
