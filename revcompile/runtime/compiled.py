@@ -9,8 +9,9 @@ Dynamo lifts the layer's parameters to graph inputs and guards on what it reads 
 so layer 7 runs the graph compiled for layer 0, and a layer that differs where it matters is compiled on its own.
 
 Where compiled branches run: everywhere a branch runs. The reversible Function's forward (no grad: an inference
-graph), its backward's recompute (with grad: Inductor's forward and backward graphs, through aot_autograd), the
-recompute in slices of the sequence (one more shape), and the coupled forward of eval mode, `invert=False` and
+graph), its backward's recompute (with grad: Inductor's forward and backward graphs, through aot_autograd, then
+`autograd.grad`; on float streams the recompute and its backward as one graph and one call instead, `BranchVjp`),
+the recompute in slices of the sequence (one more shape), and the coupled forward of eval mode, `invert=False` and
 `disable_inversion()`. The Function itself and the inverse's arithmetic (one subtraction per step, done in place
 on the stream buffer) stay outside the compiled graphs: aot_autograd's partitioner would otherwise decide again
 what to save between forward and backward (pytorch issue 141881), which is the one thing a reversible layer decides.
