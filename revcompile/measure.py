@@ -88,6 +88,19 @@ def parse_scheme(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parsed
 
 
+def _converted_with(model: torch.nn.Module, options: dict, **runtime: Any) -> torch.nn.Module:
+    """make_reversible(model, **options), then each converted layer's runtime attributes set (an earlier behaviour
+    kept for measuring against)."""
+    import revcompile
+    from revcompile.api import converted_layers
+
+    revcompile.make_reversible(model, **options)
+    for layer in converted_layers(model):
+        for name, value in runtime.items():
+            setattr(layer._revcompile, name, value)
+    return model
+
+
 def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
     """Set `model` up for training with `method` (one of SPEED_METHODS, or "revcompile:SCHEME" with SCHEME as
     `parse_scheme` reads it), in place; returns what to call for a forward (the model, or its torch.compile
@@ -118,21 +131,11 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
 
         return revcompile.make_reversible(model, head="original")
     if method in ("revcompile-compiled-float", "revcompile-compiled-two-calls"):
-        import revcompile
-        from revcompile.api import converted_layers
-
-        revcompile.make_reversible(model, compile=True, exact=False)
-        for layer in converted_layers(model):  # what a backward step cost as two calls (runtime/function.py)
-            layer._revcompile.one_call_recompute = method == "revcompile-compiled-float"
-        return model
+        # what a backward step cost as two calls (runtime/function.py, _one_call)
+        return _converted_with(model, {"compile": True, "exact": False},
+                               one_call_recompute=method == "revcompile-compiled-float")
     if method == "revcompile-record-all":  # what the routing recorder cost when it looked at every op of a branch
-        import revcompile
-        from revcompile.api import converted_layers
-
-        revcompile.make_reversible(model)
-        for layer in converted_layers(model):
-            layer._revcompile.selection_scopes = None  # (runtime/replay.py: recorded over the whole call)
-        return model
+        return _converted_with(model, {}, selection_scopes=None)  # (runtime/replay.py: over the whole call)
     if method == "selective":
         # Hugging Face's per-layer checkpointing, with torch's selective policy: matmul and attention outputs are
         # kept, everything else (norms, activations, routing) is recomputed.
