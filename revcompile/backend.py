@@ -61,7 +61,7 @@ from torch.fx.passes.split_module import split_module
 
 from .capture.tracer import LayerTrace
 from .coupling import Scheme
-from .errors import RevcompileError
+from .errors import RevcompileError, describe
 from .passes.classify import ATTENTION, FFN, MOE, Classified, classify_values
 from .passes.extract import branch_graph_of, written_tensor
 from .passes.grad_mode import detach_where_grad_is_off, switches_grad_mode
@@ -567,7 +567,7 @@ def revcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
             runs = converter.analyze()
         except Exception as err:  # noqa: BLE001  (a graph the passes do not understand is left alone)
             reason = err if isinstance(err, NotConvertible) else \
-                f"analysis failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]})"
+                f"analysis failed ({describe(err)})"
             log.warning("revcompile backend: graph of %d nodes goes to Inductor unchanged: %s",
                         len(gm.graph.nodes), reason)
             return compile_fx(gm, example_inputs)

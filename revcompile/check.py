@@ -24,7 +24,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .api import converted_layers
-from .errors import RevcompileError
+from .errors import RevcompileError, describe
 from .runtime.layer import InversionStats, disable_inversion, observe_reconstruction
 from .runtime.replay import RngState
 
@@ -132,10 +132,9 @@ def check(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torc
             except RevcompileError:
                 raise
             except Exception as err:
-                first_line = (str(err).strip().splitlines() or [""])[0][:160]
-                raise RevcompileError(f"check(): the model could not run this batch ({type(err).__name__}: "
-                                      f"{first_line}); pass token ids of shape (batch, seq), a dict of the model's "
-                                      "keyword arguments, or loss_fn=(model, batch) -> loss") from err
+                raise RevcompileError(f"check(): the model could not run this batch ({describe(err)}); pass token "
+                                      "ids of shape (batch, seq), a dict of the model's keyword arguments, or "
+                                      "loss_fn=(model, batch) -> loss") from err
         try:
             with disable_inversion() if reference else observe_reconstruction(record):
                 loss.backward()

@@ -24,7 +24,7 @@ from .capture import LayerCall, LayerTrace, example_call, find_stacks, trace_lay
 from .capture.probe import eval_mode, stored_with_gradient
 from .capture.tracer import bind_call, call_signature, unwrapped_forward
 from .distributed import ORDER, refuse_wrapped
-from .errors import RevcompileError
+from .errors import RevcompileError, describe
 from .passes.classify import ATTENTION, FFN, MOE, classify_branches, classify_whole
 from .passes.extract import branch_graph_of, computes, other_outputs, whole_layer_graph_of
 from .runtime.slicing import BatchContext
@@ -376,9 +376,8 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> Plan:
                 except RevcompileError as reason:
                     structures[key] = reason if isinstance(reason, NotReversible) else NotReversible(str(reason))
                 except Exception as err:  # a layer the passes do not understand is reported, never half-converted
-                    first_line = (str(err).strip().splitlines() or [""])[0][:160]
                     structures[key] = NotReversible(
-                        f"its traced graph fails on the probe's values ({type(err).__name__}: {first_line}): the "
+                        f"its traced graph fails on the probe's values ({describe(err)}): the "
                         "layer is traced once, so a forward that branches on tensor values does not convert")
             found, hands_on = structures[key], {}
             if not isinstance(found, NotReversible):

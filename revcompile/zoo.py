@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from .api import analyze, converted_layers, make_reversible
 from .capture.probe import eval_mode
 from .check import TOLERANCE
-from .errors import RevcompileError
+from .errors import RevcompileError, describe
 from .models import tiny_config, tiny_model_from_config
 from .passes.residuals import PARALLEL
 from .runtime.layer import disable_inversion
@@ -166,7 +166,7 @@ def _generated(model, ids) -> torch.Tensor | str:
         with eval_mode(model), torch.no_grad():
             return model.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     except Exception as err:
-        return _first_line(err)
+        return describe(err, 200)
 
 
 def _against_original(family: str, layers: int, seed: int, ids: torch.Tensor, original: dict[str, torch.Tensor],
@@ -206,10 +206,10 @@ def _reload_error(model, ids) -> float | str:
             try:
                 _logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, **implementations), ids)
             except Exception as err:
-                return _first_line(err)
+                return describe(err, 200)
             raise
         except Exception as err:
-            return _first_line(err)
+            return describe(err, 200)
     return float((_logits(loaded, ids) - expected).abs().max() / expected.abs().max())
 
 
@@ -256,10 +256,6 @@ def build(family: str, layers: int = 3, seed: int = 0, dtype: torch.dtype = torc
     return tiny_model_from_config(config).to(dtype).train()
 
 
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
-
-
 def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: int = 0,
                precision: str = "float64") -> ZooResult:
     """Build, convert and check one family in `precision` (one of PRECISIONS; see the module docstring)."""
@@ -276,7 +272,7 @@ def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: in
             if not torch.isfinite(_loss(model, ids)):  # no reference to compare with
                 raise ValueError(f"the tiny model's {precision} loss is not finite")
     except Exception as err:  # a config or model transformers itself cannot build tiny, or run in this precision
-        return ZooResult(family, NOT_BUILT, reason=_first_line(err), precision=precision)
+        return ZooResult(family, NOT_BUILT, reason=describe(err, 200), precision=precision)
     try:
         plan = analyze(model)
     except RevcompileError as err:  # no layer stack

@@ -37,6 +37,8 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import describe
+
 log = logging.getLogger(__name__)
 
 COMPILE_OPTIONS = {"fallback_random": True}
@@ -153,7 +155,7 @@ class LayerBranch(nn.Module):
         try:
             out, g_reads, g_params = self._vjp.compiled(self._apply, params, reads, context, g_out, replayer)
         except torch._dynamo.exc.TorchDynamoException as err:  # raised while tracing: nothing ran yet
-            self._vjp.unsupported = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            self._vjp.unsupported = describe(err, 200)
             log.info("revcompile: the %s branch's recompute and backward stay two calls: %s", self.name,
                      self._vjp.unsupported)
             return None
