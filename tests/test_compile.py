@@ -126,6 +126,20 @@ def test_each_branch_graph_is_compiled_once_and_never_again(name):
     assert run["counts"][-1] == run["counts"][0], "recompiled after the first step"
 
 
+def test_generate_after_compiled_training_compiles_nothing():
+    """generate() with the KV cache runs the branches eagerly: before, each decoded token compiled every layer's
+    attention again (the cache grows, each layer reads its own entry) until Dynamo's recompile limit."""
+    eager, compiled, *_ = compiled_run("mixtral")
+    same_weights = copy.deepcopy(eager)
+    same_weights.load_state_dict(compiled.state_dict())
+    prompt = batches(compiled)[0][:, :6]
+    before = compile_counts()
+    tokens = compiled.eval().generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    compiled.train()
+    assert compile_counts() == before
+    assert torch.equal(tokens, same_weights.eval().generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True))
+
+
 def test_routing_is_replayed_inside_the_compiled_branch():
     """The compiled MoE branch, recorded on x and replayed on an input that would route elsewhere, gives the eager
     branch's replayed output and gradients: the selection really comes from the recording."""

@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import describe
+from .hf_outputs import is_cache
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,11 @@ class LayerBranch(nn.Module):
         self._paths = [n.args[1] for n in fn.graph.nodes if n.op == "call_function" and n.target is _attr]
 
     def forward(self, *args: Any) -> Any:
+        # NOTE: a call with a KV cache (generate()) runs the layer function eagerly: the cache grows by a token each
+        # call and each layer reads its own entry of it, so every call would compile again (until Dynamo's
+        # recompile limit, with a warning); decoding one token is launch-bound work that compiling does not pay for
+        if any(is_cache(arg) for arg in args):
+            return self._apply(*args)
         return self.compiled(self.layer, *args)
 
     def vjp(self, reads: list[torch.Tensor], context: list, g_out: torch.Tensor,

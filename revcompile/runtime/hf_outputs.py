@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from torch import nn
 
@@ -29,6 +30,11 @@ _CAPTURING = "transformers.utils.output_capturing"  # a private module of transf
 # a collector of our own while transformers is not imported: the torch.compile backend collects the router logits
 # its layers hand out (`backend.HandsOut`) in plain PyTorch models too
 _OWN_COLLECTOR: ContextVar[dict | None] = ContextVar("revcompile_collector", default=None)
+
+
+def is_cache(value: Any) -> bool:
+    """Is `value` a Hugging Face KV cache (`transformers.Cache`, checked by name: transformers stays unimported)?"""
+    return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
 
 
 def _collector_variable() -> ContextVar:

@@ -34,8 +34,8 @@ from ..passes.rewrite import coupling_module
 from ..schemes.branches import scheme_branches
 from .compiled import BranchCompiler
 from .function import TENSOR_LEAF, CouplingCall, ReversibleCoupling, Slot, step_pieces
-from .hf_outputs import (GRADIENT_OUTPUTS, HIDDEN_STATES, ROUTER_LOGITS, OtherOutputs, active_collector, mark_whole,
-                         other_outputs_into, private_collector, runs_whole)
+from .hf_outputs import (GRADIENT_OUTPUTS, HIDDEN_STATES, ROUTER_LOGITS, OtherOutputs, active_collector, is_cache,
+                         mark_whole, other_outputs_into, private_collector, runs_whole)
 from .reference import branch_autocast, branch_input, linear_step, open_streams, straight_through
 from .replay import AutocastState, SelectionScopes
 from .slicing import SEQUENCE, TOKEN, BatchContext, Split
@@ -138,10 +138,6 @@ def splits_by_branch(scheme: Scheme, form: str, by_token: list[bool], by_sequenc
         elif used and set(used) <= sequence_wise:
             splits[name] = Split(SEQUENCE, chunks)
     return splits
-
-
-def _is_cache(value: Any) -> bool:
-    return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
 
 
 @dataclass
@@ -534,16 +530,16 @@ class LayerRuntime(StreamRuntime):
         collecting_hidden_states = collector is not None and HIDDEN_STATES in collector
         if collecting_hidden_states and not self.is_first:
             _record_hidden_state(collector[HIDDEN_STATES], hidden)
-        if layer.training and torch.is_grad_enabled() and any(_is_cache(v) for v in values):
+        if layer.training and torch.is_grad_enabled() and any(is_cache(v) for v in values):
             # as under Hugging Face activation checkpointing, a cache is not used in training (the backward
             # recompute would update it a second time); the one created for use_cache=True is empty: no notice
-            if any(_is_cache(v) and v.get_seq_length() for v in values) and not getattr(_state, "cache_notice", 0):
+            if any(is_cache(v) and v.get_seq_length() for v in values) and not getattr(_state, "cache_notice", 0):
                 warnings.warn("a filled KV cache (past_key_values) was passed to a reversible layer in training; it "
                               "is not used (as under activation checkpointing): pass no past_key_values in "
                               "training", stacklevel=3)
                 _state.cache_notice = 1
-            values = [None if _is_cache(v) else v for v in values]
-        if not any(_is_cache(v) for v in values):  # a cache would be updated by the check
+            values = [None if is_cache(v) else v for v in values]
+        if not any(is_cache(v) for v in values):  # a cache would be updated by the check
             self._check_layout(layer, branches, hidden, values)
         wants_grad = self.invert and not inversion_disabled() and torch.is_grad_enabled() and bool(params)
         if wants_grad and not layer.training and not getattr(_state, "eval_notice", 0):
