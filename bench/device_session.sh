@@ -27,14 +27,15 @@ part() {  # part SECONDS COMMAND...: run it with a limit, its output appended to
 # 0. the CUDA-only tests: the head kernels (chunked's 16-bit weight-gradient GEMM, Liger, CCE) against HF's precision
 part 60 python3 -m pytest -q -p no:cacheprovider tests/test_head.py -k cuda
 # 1. the LM head alone by kernel (chooses head=...'s default on CUDA): HF, chunked, Liger, CCE at vocab 50k and 152k
-part 100 python3 bench/heads.py --device cuda --out "$OUT"
+part 80 python3 bench/heads.py --device cuda --out "$OUT"
 # 2. the whole step at OLMoE-1B-7B size: the largest batch, revcompile and HF checkpointing + the same loss
-#    (Liger's kernel where its wheel came along, else the chunked PyTorch one)
+#    (Liger's kernel where its wheel came along, else the chunked PyTorch one), also with the layer inputs it keeps
+#    offloaded to host memory (transformers' offload=True: the baseline a user short of GPU memory would pick)
 HEAD=$(python3 -c "import liger_kernel" 2>/dev/null && echo liger || echo chunked)
-part 210 python3 bench/gpu.py --out "$OUT" --budget-s 185 --methods checkpointing-chunked revcompile \
-    --batches 80 120 160 200 --head "$HEAD" --suffix "_$HEAD"
+part 235 python3 bench/gpu.py --out "$OUT" --budget-s 210 --methods checkpointing-chunked \
+    checkpointing-offload-chunked revcompile --batches 80 120 160 200 --head "$HEAD" --suffix "_$HEAD"
 # 3. step time, eager and compiled, against HF checkpointing (issue 15), with the step split by phase
-part 170 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --breakdown --rounds 5 --out "$OUT" \
+part 165 python3 bench/speed.py --device cuda --dtype bfloat16 --profile --breakdown --rounds 5 --out "$OUT" \
     --methods plain compiled checkpointing checkpointing-compiled revcompile revcompile-compiled revcompile-backend \
     revcompile-record-all
 # 4. the exact-stream step and undo, eager against compile=True's fused functions: kernels and time

@@ -12,7 +12,9 @@ Prepared for a session that is lent a GPU machine (the test suite never needs on
     python bench/gpu.py --methods checkpointing-chunked revcompile --head liger --suffix _liger  # Liger's kernel
 
 The vocabulary is OLMoE's 50,304 unless --vocab says otherwise. revcompile chunks the LM head and loss by default;
-"checkpointing-chunked" is HF checkpointing with the same chunked loss, "revcompile-original-head" revcompile with
+"checkpointing-chunked" is HF checkpointing with the same chunked loss, "checkpointing-offload-chunked" that with the
+layer inputs it keeps offloaded to pinned host memory (transformers' `offload=True`: the device holds one layer's
+recompute, the host the rest, at the price of a copy each way), "revcompile-original-head" revcompile with
 Hugging Face's. --optimizer adds AdamW's step to every step (after backward, or inside it with
 revcompile.optimizer_in_backward), so the total peak includes gradients and optimizer state.
 
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import revcompile  # noqa: E402
-from revcompile.measure import METHOD_LABELS, PhasePeaks, prepare  # noqa: E402
+from revcompile.measure import METHOD_LABELS, PhasePeaks, hf_checkpointing, prepare  # noqa: E402
 from revcompile.models import tiny_config, tiny_model_from_config  # noqa: E402
 from revcompile.runtime.head import has_chunked_head  # noqa: E402
 
@@ -49,15 +51,16 @@ def set_method(model: torch.nn.Module, method: str, device: str, recompute_chunk
     baseline's): "chunked", "liger" or "cce"."""
     if revcompile.converted_layers(model) or has_chunked_head(model):
         revcompile.undo(model)
-    model.gradient_checkpointing_disable()
+    hf_checkpointing(model, on=False)
     ids = torch.randint(0, 100, (1, 8), device=device)
     example = dict(input_ids=ids, use_cache=False)
     if method in ("revcompile", "revcompile-original-head"):
         revcompile.make_reversible(model, example_inputs=example,
                                    head="original" if method == "revcompile-original-head" else head,
                                    recompute_chunks=recompute_chunks)
-    elif method == "checkpointing-chunked":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif method in ("checkpointing-chunked", "checkpointing-offload-chunked"):
+        # (on the CPU of a dry run, activations are in host memory already, and pinning needs an accelerator)
+        hf_checkpointing(model, offload=method == "checkpointing-offload-chunked" and device.startswith("cuda"))
         revcompile.chunked_head(model, example_inputs=example, kernel=head)
     else:
         prepare(model, method)

@@ -48,6 +48,7 @@ METHOD_LABELS = {
     "revcompile-float": "revcompile, exact=False (float streams)",
     "revcompile-reference": "revcompile's coupling, ordinary autograd (invert=False)",
     "checkpointing-chunked": "HF activation checkpointing + chunked loss",
+    "checkpointing-offload-chunked": "HF activation checkpointing, offloaded to host memory, + chunked loss",
     "revcompile-original-head": "revcompile, head=\"original\"",
     "revcompile-record-all": "revcompile, routing recorded over every op (before)",
     "revcompile-compiled-float": "revcompile, compile=True, exact=False",
@@ -88,6 +89,28 @@ def parse_scheme(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parsed
 
 
+def hf_checkpointing(model: torch.nn.Module, on: bool = True, offload: bool = False, **checkpoint_kwargs: Any) -> None:
+    """Switch Hugging Face activation checkpointing on (non-reentrant `torch.utils.checkpoint`; `checkpoint_kwargs`
+    go to it) or off: through `activation_checkpointing_enable` where transformers has it (later 5.x releases;
+    `offload`: the layer inputs kept for the recompute go to pinned host memory), else the older, now deprecated
+    `gradient_checkpointing_enable`.
+
+    Example:
+        >>> hf_checkpointing(model, offload=True)      # the baseline a GPU user short of memory would pick
+    """
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    if not on:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        return
+    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
+    if new_api:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    elif offload:
+        raise RuntimeError("this transformers has no activation_checkpointing_enable(offload=True); upgrade it")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _converted_with(model: torch.nn.Module, options: dict, **runtime: Any) -> torch.nn.Module:
     """make_reversible(model, **options), then each converted layer's runtime attributes set (an earlier behaviour
     kept for measuring against)."""
@@ -120,7 +143,7 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
 
         return torch.compile(model, backend="revcompile")
     if method in ("checkpointing", "checkpointing-chunked", "checkpointing-compiled"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_checkpointing(model)
         if method == "checkpointing-chunked":
             import revcompile
 
@@ -144,8 +167,7 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         context_fn = partial(create_selective_checkpoint_contexts, _selective_policy())
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                           "context_fn": context_fn})
+        hf_checkpointing(model, context_fn=context_fn)
         return model
     if method.partition(":")[0] == "revcompile":
         import revcompile

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import revcompile
 from conftest import make_model, rel_err, token_batch
+from revcompile.measure import hf_checkpointing
 from revcompile.runtime import head as head_module
 from revcompile.runtime.head import ChunkedHeadModel, check_fused_kernel, chunked_cross_entropy
 
@@ -244,7 +245,7 @@ def test_chunked_head_alone_for_a_baseline():
     model, reference = make_model("mixtral", torch.float64, layers=2), make_model("mixtral", torch.float64, layers=2)
     reference.loss_function = loss_fp64
     revcompile.chunked_head(model, chunk_tokens=5)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_checkpointing(model)
     model.train()
     ids, mask, labels = padded_batch(model)
     out, grads = step(model, input_ids=ids, attention_mask=mask, labels=labels)
