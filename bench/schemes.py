@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import revcompile  # noqa: E402
 from revcompile.data import byte_batches, stdlib_text  # noqa: E402
 from revcompile.measure import measure_step, parse_scheme  # noqa: E402
+from revcompile.models import as_loaded  # noqa: E402
 from revcompile.pretrained import CACHE, PRETRAIN_MODULES, load_pretrained  # noqa: E402
 from revcompile.runtime.streams import exact_refusal  # noqa: E402
 from revcompile.schemes import get_scheme  # noqa: E402
@@ -71,7 +72,7 @@ def precision(original, spec: str, ids: torch.Tensor) -> dict:
     modes = ("exact", "float") if exact_refusal(get_scheme(scheme, **options)) is None else ("float",)
     for mode in modes:
         for label, dtype, autocast in PRECISIONS:
-            model = revcompile.make_reversible(copy.deepcopy(original).to(dtype), scheme, exact=mode == "exact",
+            model = revcompile.make_reversible(as_loaded(copy.deepcopy(original), dtype), scheme, exact=mode == "exact",
                                                **options)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # check() warns past the tolerance: the table shows it instead

@@ -120,7 +120,7 @@ class Trainer:
         model_config = {k: v for k, v in config.items() if k not in ("batch", "seq")}
         torch.manual_seed(0)
         cfg = tiny_config("mixtral", attn_implementation="sdpa", experts_implementation="grouped_mm", **model_config)
-        self.model = tiny_model_from_config(cfg).to(device=device, dtype=dtype)
+        self.model = tiny_model_from_config(cfg, dtype).to(device)
         self.model.config.use_cache = False
         self.forward = prepare(self.model, method)
         self.model.train()

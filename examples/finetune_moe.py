@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from revcompile.pretrained import load_pretrained  # noqa: E402
 from revcompile.data import byte_batches, pydoc_text  # noqa: E402
 from revcompile.measure import METHOD_LABELS, SPEED_METHODS, prepare, reset_peak_rss, rss_bytes  # noqa: E402
+from revcompile.models import as_loaded  # noqa: E402
 
 RESULTS = os.path.join(HERE, "..", "bench", "results")
 METHODS = ("plain", "checkpointing", "revcompile")
@@ -59,7 +60,7 @@ def held_out_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 def finetune(pretrained: torch.nn.Module, method: str, train: list[torch.Tensor], held_out: list[torch.Tensor],
              lr: float, dtype: torch.dtype, seed: int, eval_every: int) -> dict:
-    model = prepare(copy.deepcopy(pretrained).to(dtype), method)
+    model = prepare(as_loaded(copy.deepcopy(pretrained), dtype), method)
     before = held_out_loss(model, held_out)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

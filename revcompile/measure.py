@@ -250,7 +250,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
                 of the fastest step) is the step's work alone: other processes on a loaded machine barely move it,
                 where they stretch the wall-clock "step_s" (median) by any factor.
     """
-    from .models import tiny_config, tiny_model_from_config
+    from .models import as_loaded, tiny_config, tiny_model_from_config
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -268,7 +268,7 @@ def run_step_measurement(method: str, depth: int, batch: int, seq: int, device: 
         cfg = tiny_config(model_type, num_hidden_layers=depth, attn_implementation=attn,
                           experts_implementation=config.pop("experts", "eager"), **config)
         model = tiny_model_from_config(cfg)
-    model = model.to(device=device, dtype=getattr(torch, dtype))
+    model = as_loaded(model, getattr(torch, dtype)).to(device)
     model.config.use_cache = False
     if lora is not None:
         from peft import LoraConfig, get_peft_model

@@ -244,15 +244,39 @@ def load_model(spec: str, **overrides) -> torch.nn.Module:
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
-    """A randomly initialised causal LM of a tiny `model_type` config, seeded, in `dtype`."""
+    """A randomly initialised causal LM of a tiny `model_type` config, seeded, in `dtype` (`tiny_model_from_config`).
+    """
     torch.manual_seed(seed)
-    return tiny_model_from_config(tiny_config(model_type, **overrides)).to(dtype)
+    return tiny_model_from_config(tiny_config(model_type, **overrides), dtype)
 
 
-def tiny_model_from_config(config: PretrainedConfig) -> torch.nn.Module:
+def tiny_model_from_config(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal LM of `config`, its weights drawn in float32 from the current seed, then in `dtype` (`as_loaded`).
+    """
     try:
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):  # the model's own objection to its config
             raise
         raise ValueError(f"model_type {config.model_type!r} has no causal-LM class in transformers") from err
+    return as_loaded(model, dtype)
+
+
+def as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` (a Hugging Face model) in `dtype`: in a 16-bit dtype a copy as `from_pretrained(path, dtype=dtype)`
+    would load its weights, else `model.to(dtype)`.
+
+    NOTE: not `model.to(bfloat16)`, which casts everything: a checkpoint loaded in bf16 keeps in float32 the
+    parameters its class keeps there (DeepSeek-V3's and GLM-4-MoE's router weights and score-correction biases,
+    `_keep_in_fp32_modules`) and the buffers the model computes at init (RoPE's inverse frequencies), so that is the
+    model users train, and the one measured here. In float64 (the tests' exact references) everything is cast.
+
+    Example:
+        >>> model = as_loaded(pretrained_fp32, torch.bfloat16)    # routers and RoPE frequencies stay float32
+    """
+    if dtype not in (torch.bfloat16, torch.float16) or not hasattr(model, "config"):
+        return model.to(dtype)
+    with torch.random.fork_rng(devices=[]):  # (the copy's own random init must not move the caller's seed)
+        loaded = type(model)._from_config(model.config, dtype=dtype)
+    loaded.load_state_dict(model.state_dict())
+    return loaded.to(next(model.parameters()).device).train(model.training)

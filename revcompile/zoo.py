@@ -253,7 +253,7 @@ def build(family: str, layers: int = 3, seed: int = 0, dtype: torch.dtype = torc
     if size > MAX_PARAMETERS:
         raise ValueError(f"the tiny config still builds {size / 1e6:.0f} M parameters")
     torch.manual_seed(seed)
-    return tiny_model_from_config(config).to(dtype).train()
+    return tiny_model_from_config(config, dtype).train()
 
 
 def run_family(family: str, scheme: str | None = None, layers: int = 3, seed: int = 0,

@@ -169,6 +169,22 @@ def test_eval_runs_the_same_integer_arithmetic():
         assert torch.equal(model.eval()(ids).logits, trained)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_a_bf16_checkpoint_with_float32_routers_is_exact(family):
+    """Loaded in bf16 as `from_pretrained(..., dtype=torch.bfloat16)` loads it (`models.as_loaded`), a DeepSeek-V3 or
+    GLM-4-MoE layer keeps its router weight and score-correction bias in float32 beside bf16 experts and attention:
+    its streams are still exact, and every gradient is the reference's bit for bit."""
+    model = revcompile.make_reversible(make_model(family, torch.bfloat16, layers=3, use_cache=False))
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert model.model.layers[1].mlp.experts.down_proj.dtype == torch.bfloat16
+    ids = token_batch(model, seq=16)
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    ref_loss, _, ref_grads = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and loss == ref_loss and grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in ref_grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_float_bits_travel_unchanged(dtype):
     """A float stream rides in the integer buffer as its bits: nan, inf, -0 and subnormals included."""
