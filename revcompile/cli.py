@@ -27,6 +27,8 @@ from .errors import RevcompileError
 from .runtime.hf_outputs import OtherOutputs
 
 DEFAULT_LAYERS = 8  # of `check`'s tiny config
+LAYERS_HELP = ("only the model's first N decoder layers: of a local model directory, its config cut to N layers "
+               "and their weights, the others never read (a large checkpoint in the memory of N layers)")
 
 
 def _op_name(node: fx.Node) -> str:
@@ -61,7 +63,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     import revcompile
     from revcompile.models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, layers=args.layers)
     revcompile.make_reversible(model, scheme=args.scheme)
     plan = revcompile.analyze(model)
     print(plan, end="\n\n")
@@ -113,15 +115,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
     import revcompile
-    from revcompile.models import load_model
+    from revcompile.models import as_loaded, load_model
 
     local = os.path.isdir(args.model)
-    if local and args.layers is not None:
-        raise RevcompileError("--layers sets the depth of a model_type's tiny config; a local model directory "
-                              "keeps its own layers: leave --layers out")
     torch.manual_seed(0)
-    model = load_model(args.model, **({} if local else {"num_hidden_layers": args.layers or DEFAULT_LAYERS}))
-    model = model.to(getattr(torch, args.dtype))
+    model = as_loaded(load_model(args.model, layers=args.layers or (None if local else DEFAULT_LAYERS)),
+                      getattr(torch, args.dtype))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and args.seq > positions:
         raise RevcompileError(f"--seq {args.seq} is longer than the model's {positions} positions")
@@ -171,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff = sub.add_parser("diff", help="show a model's layer graph before and after conversion, and the inverse")
     diff.add_argument("model", help=model_help)
     diff.add_argument("--scheme", choices=list(SCHEMES), metavar="SCHEME", help=scheme_help)
+    diff.add_argument("--layers", type=positive_int, metavar="N", help=LAYERS_HELP + " (default: all)")
     diff.add_argument("--dot", metavar="DIR", help="also write the graphs as Graphviz .dot files into DIR (prefixed "
                                                    "with the layer when the model has several layer structures)")
     diff.set_defaults(func=cmd_diff)
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--autocast", choices=["bfloat16", "float16"],
                        help="run the step under torch.autocast with this dtype (default: no autocast)")
     check.add_argument("--layers", type=positive_int, metavar="N",
-                       help=f"layers of the tiny config (default {DEFAULT_LAYERS}; not for a local model directory)")
+                       help=LAYERS_HELP + f" (default: {DEFAULT_LAYERS} of a tiny config, all of a local model)")
     check.add_argument("--batch", type=positive_int, default=2, metavar="N",
                        help="sequences in the batch (default %(default)s)")
     check.add_argument("--seq", type=int_at_least(2), default=64, metavar="N",

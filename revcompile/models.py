@@ -7,12 +7,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import os
 
 import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.utils import logging as transformers_logging
 
 # Per-family overrides that make a config tiny (a few layers, width 64) while keeping its structure:
 # DeepSeek-V3 keeps dense first layers, GLM-4-MoE and Qwen2-MoE keep shared experts, GPT-OSS keeps its
@@ -223,24 +225,58 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     return config
 
 
-def load_model(spec: str, **overrides) -> torch.nn.Module:
-    """A causal LM from a model_type (tiny config, random weights) or from a local directory with config.json.
+def load_model(spec: str, layers: int | None = None, **overrides) -> torch.nn.Module:
+    """A causal LM from a model_type (tiny config, random weights) or from a local directory with config.json (its
+    weights where it has them, else random ones); `layers`: only the first that many decoder layers (`first_layers`:
+    of a checkpoint, the weights of the others are never read).
 
     Raises ValueError with what to do when `spec` is neither.
+
+    Example:
+        >>> load_model("/models/Qwen3-30B-A3B", layers=4)     # four real layers, not 48 (and not 60 GB)
     """
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "config.json")):
             raise ValueError(f"{spec!r} is a directory without a config.json; pass a model directory or a model_type")
-        has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
-        if has_weights:
-            return AutoModelForCausalLM.from_pretrained(spec, **overrides)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec, **overrides))
+        config = AutoConfig.from_pretrained(spec, **overrides)
+        if layers is not None:
+            config = first_layers(config, layers)
+        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec)):
+            return AutoModelForCausalLM.from_config(config)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # (not its report of the weights of the layers left out)
+        try:
+            return AutoModelForCausalLM.from_pretrained(spec, config=config)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
     try:
         config = tiny_config(spec, **overrides)
     except (KeyError, ValueError) as err:
         raise ValueError(f"unknown model {spec!r}: not a local directory and not a transformers model_type "
                          f"(try one of {', '.join(TINY_FAMILIES)})") from err
     return tiny_model_from_config(config)
+
+
+def first_layers(config: PretrainedConfig, n: int) -> PretrainedConfig:
+    """A copy of `config` with only its first `n` decoder layers: `num_hidden_layers` (of its text config, for a
+    composite one) set to `n`, and each per-layer list (one as long as the layers: `layer_types`...) cut to match.
+
+    Raises ValueError when the model has fewer than `n` layers.
+    """
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    total = getattr(text, "num_hidden_layers", None)
+    if total is None:
+        raise ValueError(f"the {config.model_type} config has no num_hidden_layers to cut; leave the layer count out")
+    if n > total:
+        raise ValueError(f"the model has {total} layers, fewer than the {n} asked for")
+    for key, value in list(vars(text).items()):
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(text, key, type(value)(value[:n]))
+    text.num_hidden_layers = n
+    return config
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
