@@ -115,12 +115,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
     import revcompile
-    from revcompile.models import as_loaded, load_model
+    from revcompile.models import load_model
 
     local = os.path.isdir(args.model)
     torch.manual_seed(0)
-    model = as_loaded(load_model(args.model, layers=args.layers or (None if local else DEFAULT_LAYERS)),
-                      getattr(torch, args.dtype))
+    model = load_model(args.model, layers=args.layers or (None if local else DEFAULT_LAYERS),
+                       dtype=getattr(torch, args.dtype))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and args.seq > positions:
         raise RevcompileError(f"--seq {args.seq} is longer than the model's {positions} positions")

@@ -225,10 +225,12 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     return config
 
 
-def load_model(spec: str, layers: int | None = None, **overrides) -> torch.nn.Module:
+def load_model(spec: str, layers: int | None = None, dtype: torch.dtype | None = None,
+               **overrides) -> torch.nn.Module:
     """A causal LM from a model_type (tiny config, random weights) or from a local directory with config.json (its
     weights where it has them, else random ones); `layers`: only the first that many decoder layers (`first_layers`:
-    of a checkpoint, the weights of the others are never read).
+    of a checkpoint, the weights of the others are never read); `dtype`: loaded in it as `from_pretrained` loads
+    (`as_loaded`; None: a checkpoint's own dtype, else float32).
 
     Raises ValueError with what to do when `spec` is neither.
 
@@ -242,11 +244,11 @@ def load_model(spec: str, layers: int | None = None, **overrides) -> torch.nn.Mo
         if layers is not None:
             config = first_layers(config, layers)
         if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec)):
-            return AutoModelForCausalLM.from_config(config)
+            return tiny_model_from_config(config, dtype or torch.float32)
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # (not its report of the weights of the layers left out)
         try:
-            return AutoModelForCausalLM.from_pretrained(spec, config=config)
+            return AutoModelForCausalLM.from_pretrained(spec, config=config, dtype=dtype or "auto")
         finally:
             transformers_logging.set_verbosity(verbosity)
     if layers is not None:
@@ -256,7 +258,7 @@ def load_model(spec: str, layers: int | None = None, **overrides) -> torch.nn.Mo
     except (KeyError, ValueError) as err:
         raise ValueError(f"unknown model {spec!r}: not a local directory and not a transformers model_type "
                          f"(try one of {', '.join(TINY_FAMILIES)})") from err
-    return tiny_model_from_config(config)
+    return tiny_model_from_config(config, dtype or torch.float32)
 
 
 def first_layers(config: PretrainedConfig, n: int) -> PretrainedConfig:
