@@ -15,6 +15,7 @@ transformers v5 collects such outputs with forward hooks into a collector that i
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,7 +35,12 @@ _OWN_COLLECTOR: ContextVar[dict | None] = ContextVar("revcompile_collector", def
 
 def is_cache(value: Any) -> bool:
     """Is `value` a Hugging Face KV cache (`transformers.Cache`, checked by name: transformers stays unimported)?"""
-    return any(cls.__name__ == "Cache" and cls.__module__.startswith("transformers") for cls in type(value).__mro__)
+    return _is_cache_class(type(value))
+
+
+@functools.cache  # (asked for every argument of every compiled branch call)
+def _is_cache_class(cls: type) -> bool:
+    return any(base.__name__ == "Cache" and base.__module__.startswith("transformers") for base in cls.__mro__)
 
 
 def _collector_variable() -> ContextVar:
