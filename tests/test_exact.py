@@ -185,6 +185,20 @@ def test_a_bf16_checkpoint_with_float32_routers_is_exact(family):
     assert all(torch.equal(grads[name], ref_grads[name]) for name in ref_grads)
 
 
+@pytest.mark.parametrize("family, chunks", [("mixtral", None), ("qwen3_moe", 2), ("deepseek_v3", None)])
+def test_bf16_with_sdpa_attention_is_exact(family, chunks):
+    """With sdpa attention (what `from_pretrained` picks; the tiny configs default to eager), in the model's own
+    pieces or recomputed in slices (attention by batch, the MoE by sequence): bit for bit."""
+    model = make_model(family, torch.bfloat16, layers=3, use_cache=False, attn_implementation="sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    model = revcompile.make_reversible(model, recompute_chunks=chunks)
+    ids = token_batch(model, seq=16)
+    loss, nodes, grads = loss_and_grads(model, ids, reference=False)
+    ref_loss, _, ref_grads = loss_and_grads(model, ids, reference=True)
+    assert nodes == 3 and loss == ref_loss and grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in ref_grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_float_bits_travel_unchanged(dtype):
     """A float stream rides in the integer buffer as its bits: nan, inf, -0 and subnormals included."""
